@@ -1,0 +1,1 @@
+"""lmt.agent: the daemon. Owns asyncio, SQLite and MQTT, and wires the other packages."""

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The full test suite: sets up .venv and mosquitto when missing, then lint and pytest.
+# Extra arguments go to pytest (e.g. ./test.sh -k e2e).
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/bootstrap.sh
+ruff check .
+python -m pytest -q "$@"
