@@ -1,7 +1,333 @@
-"""The `lmt` command line."""
+"""The `lmt` command line: one program, one subcommand per job."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import logging
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PREFIX = "lmt/v1"
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '1h', '1h30m' -> seconds."""
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
+                     text)
+    if not m or not any(m.groups()):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 90, 90s, 15m, 1h)")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    total = h * 3600 + mi * 60 + s
+    if total <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return total
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds, or an ISO 8601 time ('2026-11-26T14:00:00+08:00'; local time if no zone)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r}") from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+# -- run -------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from lmt.config import ConfigError, load_agent_config
+
+    _setup_logging(args.log_level)
+    try:
+        cfg = load_agent_config(args.config)
+    except ConfigError as exc:
+        print(f"lmt run: configuration error\n{exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: configuration is valid ({len(cfg.devices)} devices, "
+              f"{len(cfg.loads)} loads)")
+        return 0
+    from .buffer import BufferError
+    from .daemon import Agent
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        agent = Agent(cfg, Path(args.config))
+        await agent.run(stop)
+
+    try:
+        asyncio.run(main())
+    except BufferError as exc:
+        print(f"lmt run: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"lmt run: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- sim -------------------------------------------------------------------------------------
+def cmd_sim(args: argparse.Namespace) -> int:
+    from lmt.config import ConfigError
+    from lmt.firmware_sim.server import run_site
+
+    _setup_logging(args.log_level)
+    try:
+        asyncio.run(run_site(Path(args.site), args.port, Path(args.ready_file)
+                             if args.ready_file else None))
+    except ConfigError as exc:
+        print(f"lmt sim: configuration error\n{exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"lmt sim: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- platform --------------------------------------------------------------------------------
+def _command_body(args: argparse.Namespace) -> dict:
+    from .platform import command_body
+
+    common = {"command_id": args.id, "expires_in_s": args.expires_in}
+    if args.kind == "cap":
+        return command_body("cap", args.terminal, cap_kw=args.kw, duration_s=args.duration,
+                            until=args.until, **common)
+    if args.kind == "shed":
+        return command_body("shed", args.terminal, shed_kw=args.kw, duration_s=args.duration,
+                            **common)
+    return command_body("cancel", args.terminal, target=args.target, **common)
+
+
+def cmd_platform(args: argparse.Namespace) -> int:
+    from .platform import send, sign_command_file, watch
+    from .security import generate_keypair
+
+    if args.action == "keygen":
+        try:
+            key, pub = generate_keypair(Path(args.out), args.name, overwrite=args.force)
+        except FileExistsError as exc:
+            print(f"lmt platform keygen: {exc} (use --force to replace)", file=sys.stderr)
+            return 1
+        print(f"private key: {key}  (keep it on the platform; never copy it to a terminal)")
+        print(f"public key:  {pub}  (install on every terminal: security.platform_public_key)")
+        return 0
+    if args.action == "sign":
+        print(sign_command_file(Path(args.key), _command_body(args)))
+        return 0
+    if args.action == "send":
+        host, port = args.broker
+        if args.raw:
+            payload = Path(args.raw).read_text() if args.raw != "-" else sys.stdin.read()
+        else:
+            if not args.key or not args.kind:
+                print("lmt platform send: give --key and a command (cap, shed, cancel), "
+                      "or --raw FILE", file=sys.stderr)
+                return 2
+            payload = sign_command_file(Path(args.key), _command_body(args))
+
+        def show(rec: dict) -> None:
+            if args.json:
+                print(json.dumps(rec), flush=True)
+            else:
+                reason = f" ({rec['reason']})" if rec.get("reason") else ""
+                print(f"{rec.get('command_id')}: {rec.get('status')}{reason} "
+                      f"{rec.get('detail', '')}".rstrip(), flush=True)
+
+        try:
+            results = send(host, port, args.prefix, args.terminal, payload, wait=args.wait,
+                           timeout_s=args.timeout, out=show)
+        except (ConnectionError, TimeoutError) as exc:
+            print(f"lmt platform send: {exc}", file=sys.stderr)
+            return 1
+        if args.wait == "none":
+            print("sent")
+            return 0
+        return 3 if any(r.get("status") == "rejected" for r in results) else 0
+    if args.action == "watch":
+        host, port = args.broker
+        try:
+            tracker = watch(host, port, args.prefix, args.terminal, as_json=args.json,
+                            duration_s=args.duration, count=args.count)
+        except ConnectionError as exc:
+            print(f"lmt platform watch: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        if not args.json:
+            print(f"-- {tracker.duplicates} duplicates dropped, "
+                  f"{len(tracker.open_gaps())} gaps open", file=sys.stderr)
+        return 0
+    return 2
+
+
+# -- misc ------------------------------------------------------------------------------------
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from .schemas import check_schemas, write_schemas
+
+    out = Path(args.out)
+    if args.check:
+        stale = check_schemas(out)
+        for name in stale:
+            print(f"stale: {out / name} (run: lmt schemas --out {out})", file=sys.stderr)
+        return 1 if stale else 0
+    for p in write_schemas(out):
+        print(p)
+    return 0
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from lmt.control import warmup
+
+    t0 = time.perf_counter()
+    warmup()
+    print(f"control kernels ready in {time.perf_counter() - t0:.2f} s (numba on-disk cache)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(cap_for_s=args.cap_for, verbose=args.verbose)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmt", description="lmt-edge: an electricity load-management terminal. Polls "
+        "meters and relays, buffers every reading, syncs with the utility's platform over MQTT "
+        "and carries out signed curtailment commands.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the terminal agent (the systemd service runs this)",
+                       description="Run the agent: poll devices, buffer, sync to MQTT, and carry "
+                       "out signed commands. Stops cleanly on SIGTERM/SIGINT.")
+    r.add_argument("--config", required=True, help="agent configuration file (TOML)")
+    r.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sim", help="serve a simulated site over Modbus TCP",
+                       description="Serve a simulated site (meters, relay modules, loads) over "
+                       "Modbus TCP, for testing without hardware. See docs/simulator.md.")
+    s.add_argument("site", help="site file (TOML), e.g. config/examples/demo-site.toml")
+    s.add_argument("--port", type=int, help="TCP port (overrides the site file; 0 = any free)")
+    s.add_argument("--ready-file", help="write the bound port to this file once serving")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_sim)
+
+    pl = sub.add_parser("platform", help="the utility's reference client: keys, commands, watch",
+                        description="The platform side: make the signing keys, send signed "
+                        "commands to a terminal, and watch telemetry and command results.")
+    pls = pl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    kg = pls.add_parser("keygen", help="make the platform's Ed25519 key pair",
+                        description="Write NAME.key (private, keep on the platform) and NAME.pub "
+                        "(public, install on terminals).")
+    kg.add_argument("--out", default="keys", help="folder for the key files (default: keys)")
+    kg.add_argument("--name", default="platform")
+    kg.add_argument("--force", action="store_true", help="replace existing key files")
+
+    def add_command_args(sp: argparse.ArgumentParser, required: bool) -> None:
+        sp.add_argument("--terminal", required=True, help="target terminal id")
+        sp.add_argument("--key", required=required, help="platform private key (PEM)")
+        sp.add_argument("--id", help="command id (default: random)")
+        sp.add_argument("--expires-in", type=float, default=60.0, metavar="S",
+                        help="seconds the command may take to arrive (default 60)")
+        kinds = sp.add_subparsers(dest="kind", metavar="COMMAND", required=required)
+        c = kinds.add_parser("cap", help="cap the site's import at --kw until --until or --for")
+        c.add_argument("--kw", type=float, required=True)
+        end = c.add_mutually_exclusive_group(required=True)
+        end.add_argument("--for", dest="duration", type=parse_duration, help="e.g. 30s, 15m")
+        end.add_argument("--until", type=parse_time, help="unix time or ISO 8601")
+        sh = kinds.add_parser("shed", help="reduce the site's import by --kw for --for")
+        sh.add_argument("--kw", type=float, required=True)
+        sh.add_argument("--for", dest="duration", type=parse_duration, required=True)
+        ca = kinds.add_parser("cancel", help="end an active command early")
+        ca.add_argument("--target", required=True, help="id of the command to cancel")
+
+    sg = pls.add_parser("sign", help="print a signed command (JSON) without sending it")
+    add_command_args(sg, required=True)
+    sd = pls.add_parser("send", help="sign and publish a command; print the terminal's answers",
+                        description="Sign a command and publish it to the terminal. Exit code: "
+                        "0 accepted, 3 rejected, 1 no answer or broker unreachable.")
+    sd.add_argument("--broker", type=parse_broker, default=("127.0.0.1", 1883),
+                    metavar="HOST:PORT")
+    sd.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix ({DEFAULT_PREFIX})")
+    sd.add_argument("--wait", choices=["none", "answer", "final"], default="answer",
+                    help="wait for nothing, the first answer (default), or the final result")
+    sd.add_argument("--timeout", type=float, default=30.0)
+    sd.add_argument("--json", action="store_true", help="print results as JSON lines")
+    sd.add_argument("--raw", metavar="FILE", help="publish this signed command as it is "
+                    "(from `lmt platform sign`; - for stdin)")
+    add_command_args(sd, required=False)
+    w = pls.add_parser("watch", help="print telemetry, events and results as they arrive",
+                       description="Subscribe to terminals' topics; de-duplicate by (terminal, "
+                       "stream, seq) and report gaps.")
+    w.add_argument("--broker", type=parse_broker, default=("127.0.0.1", 1883), metavar="HOST:PORT")
+    w.add_argument("--prefix", default=DEFAULT_PREFIX)
+    w.add_argument("--terminal", default="+", help="terminal id (default: all)")
+    w.add_argument("--json", action="store_true", help="one JSON object per record")
+    w.add_argument("--duration", type=parse_duration, help="stop after this long")
+    w.add_argument("--count", type=int, help="stop after this many records")
+    pl.set_defaults(func=cmd_platform)
+
+    d = sub.add_parser("demo", help="run the whole path on a simulated site and explain it",
+                       description="Start a simulated site, a local mosquitto, the agent and the "
+                       "platform console; send one signed cap command; show the site's power "
+                       "before, during and after. Ends by itself.")
+    d.add_argument("--cap-for", type=parse_duration, default=20.0, help="cap duration (20s)")
+    d.add_argument("--verbose", action="store_true", help="also show the agent's log")
+    d.set_defaults(func=cmd_demo)
+
+    sc = sub.add_parser("schemas", help="write the MQTT payload JSON Schemas",
+                        description="Generate JSON Schemas for every MQTT payload from the models.")
+    sc.add_argument("--out", default="docs/schemas")
+    sc.add_argument("--check", action="store_true", help="exit 1 if the files are stale")
+    sc.set_defaults(func=cmd_schemas)
+
+    wu = sub.add_parser("warmup", help="compile the control kernels into numba's disk cache",
+                        description="Compile the numba control kernels so a service start is "
+                        "warm. Run at install time and after upgrades.")
+    wu.set_defaults(func=cmd_warmup)
+    return p
+
 
 def main(argv: list[str] | None = None) -> int:
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from .daemon import lmt_version
+
+        print(f"lmt-edge {lmt_version()}")
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

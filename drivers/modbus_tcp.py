@@ -67,7 +67,7 @@ class ModbusTcpBus:
             except ModbusException as exc:
                 self._client.close()
                 raise DeviceUnavailable(label, f"no valid answer: {exc}") from exc
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 self._client.close()
                 raise DeviceUnavailable(label, f"connection failed: {exc}") from exc
         if rr.isError():

@@ -1,0 +1,167 @@
+"""MQTT payloads: the contract between a terminal and the platform (see docs/mqtt.md).
+
+Every payload is JSON. The JSON Schemas in docs/schemas/ are generated from these models
+(`lmt schemas --out docs/schemas`); a test fails when they are stale.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONTRACT_VERSION = 1
+
+TerminalId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+CommandId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- terminal -> platform ------------------------------------------------------------------
+class Status(_Msg):
+    """Retained on ``<prefix>/<terminal>/status``; the offline form is also the last will."""
+
+    terminal: TerminalId
+    online: bool
+    ts: float = Field(description="unix time (s) the status was made")
+    version: str = Field(description="lmt-edge version")
+    contract: int = CONTRACT_VERSION
+    config_hash: str = Field(description="sha256 of the agent configuration file")
+    devices: list[str] = Field(default_factory=list)
+    session: int = Field(description="increments on every connect (Sparkplug's bdSeq)")
+
+
+class Reading(_Msg):
+    seq: int = Field(ge=1, description="telemetry stream sequence number")
+    ts: float = Field(description="unix time (s) of the read")
+    device: str
+    values: dict[str, float | bool]
+
+
+class Event(_Msg):
+    seq: int = Field(ge=1, description="events stream sequence number")
+    ts: float
+    type: str = Field(description="load_shed, load_restored, device_offline, device_online, "
+                                  "control_started, control_ended, agent_started")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+ResultStatus = Literal["accepted", "rejected", "executed", "completed", "cancelled",
+                       "superseded", "failed"]
+RejectReason = Literal["malformed", "bad_signature", "invalid", "wrong_terminal", "expired",
+                       "not_yet_valid", "replayed", "unknown_target", "unavailable"]
+
+
+class Result(_Msg):
+    seq: int = Field(ge=1, description="results stream sequence number")
+    ts: float
+    command_id: str | None = Field(description="null when the command had no readable id")
+    status: ResultStatus
+    reason: RejectReason | None = None
+    detail: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class TelemetryBatch(_Msg):
+    """``<prefix>/<terminal>/telemetry``"""
+
+    terminal: TerminalId
+    stream: Literal["telemetry"] = "telemetry"
+    historical: bool = Field(description="true when sent from the backlog, not live")
+    records: list[Reading] = Field(min_length=1)
+
+
+class EventBatch(_Msg):
+    """``<prefix>/<terminal>/events``"""
+
+    terminal: TerminalId
+    stream: Literal["events"] = "events"
+    historical: bool
+    records: list[Event] = Field(min_length=1)
+
+
+class ResultBatch(_Msg):
+    """``<prefix>/<terminal>/result``"""
+
+    terminal: TerminalId
+    stream: Literal["results"] = "results"
+    historical: bool
+    records: list[Result] = Field(min_length=1)
+
+
+# -- platform -> terminal ------------------------------------------------------------------
+class SignedCommand(_Msg):
+    """``<prefix>/<terminal>/cmd``: the command body as exact bytes, and their signature.
+
+    ``sig`` is the Ed25519 signature (base64) over the UTF-8 bytes of ``body``; ``body`` is the
+    JSON text of a :class:`Command`. Signing the exact text avoids any canonicalisation.
+    """
+
+    v: Literal[1] = 1
+    body: str = Field(max_length=16384)
+    sig: str = Field(max_length=200)
+
+
+class _CommandBase(_Msg):
+    id: CommandId
+    terminal: TerminalId
+    issued_at: float = Field(description="unix time (s) the platform issued it")
+    expires_at: float = Field(description="refused when received after this unix time")
+
+    @model_validator(mode="after")
+    def _check_times(self) -> _CommandBase:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        return self
+
+
+class CapCommand(_CommandBase):
+    """Keep the site's import at or below ``cap_kw`` until ``until`` (or for ``duration_s``)."""
+
+    type: Literal["cap"]
+    cap_kw: float = Field(gt=0, le=1_000_000)
+    duration_s: float | None = Field(default=None, gt=0, le=86400 * 7)
+    until: float | None = Field(default=None, description="unix time the cap ends")
+
+    @model_validator(mode="after")
+    def _one_end(self) -> CapCommand:
+        if (self.duration_s is None) == (self.until is None):
+            raise ValueError("give exactly one of duration_s and until")
+        return self
+
+
+class ShedCommand(_CommandBase):
+    """Reduce the site's import by ``shed_kw`` below its level at the start, for ``duration_s``."""
+
+    type: Literal["shed"]
+    shed_kw: float = Field(gt=0, le=1_000_000)
+    duration_s: float = Field(gt=0, le=86400 * 7)
+
+
+class CancelCommand(_CommandBase):
+    """End the control started by command ``target`` and restore the loads."""
+
+    type: Literal["cancel"]
+    target: CommandId
+
+
+Command = Annotated[CapCommand | ShedCommand | CancelCommand, Field(discriminator="type")]
+
+
+class CommandEnvelope(_Msg):
+    """Wrapper used to validate a command body of any type."""
+
+    command: Command
+
+
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "status": Status,
+    "telemetry": TelemetryBatch,
+    "events": EventBatch,
+    "result": ResultBatch,
+    "cmd": SignedCommand,
+    "command-body": CommandEnvelope,
+}

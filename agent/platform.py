@@ -1,0 +1,287 @@
+"""The utility's side, as a reference client: keys, signed commands, and a telemetry watcher.
+
+``lmt platform keygen | sign | send | watch``. The watcher de-duplicates by
+(terminal, stream, sequence) and reports gaps, as a platform ingest should.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .mqtt import Topics
+from .security import load_private_key, sign_body
+
+FINAL_STATUSES = {"rejected", "completed", "cancelled", "superseded", "failed"}
+
+
+def command_body(kind: str, terminal: str, *, command_id: str | None = None,
+                 issued_at: float | None = None, expires_in_s: float = 60.0,
+                 **params: Any) -> dict[str, Any]:
+    now = time.time() if issued_at is None else issued_at
+    body: dict[str, Any] = {"id": command_id or uuid.uuid4().hex, "terminal": terminal,
+                            "issued_at": round(now, 3), "expires_at": round(now + expires_in_s, 3),
+                            "type": kind}
+    body.update({k: v for k, v in params.items() if v is not None})
+    return body
+
+
+def sign_command_file(key_path: Path, body: dict[str, Any]) -> str:
+    return sign_body(load_private_key(key_path), body)
+
+
+class _Client:
+    """A small blocking paho client: connect, subscribe, publish, receive into a queue."""
+
+    def __init__(self, host: str, port: int, client_id: str = "") -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._ready = threading.Event()
+        self._subs: list[str] = []
+        self._suback = threading.Event()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or
+                             f"lmt-platform-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv311)
+        self.c.on_connect = self._on_connect
+        self.c.on_message = lambda c, u, m: self.messages.put(m)
+        self.c.on_subscribe = lambda *a: self._suback.set()
+        self.host, self.port = host, port
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):  # type: ignore[no-untyped-def]
+        if not reason_code.is_failure:
+            for t in self._subs:
+                client.subscribe(t, qos=1)
+            self._ready.set()
+
+    def connect(self, subscribe: list[str], timeout_s: float = 10.0) -> None:
+        self._subs = subscribe
+        try:
+            self.c.connect(self.host, self.port, keepalive=30)
+        except OSError as exc:
+            raise ConnectionError(f"cannot reach the broker at {self.host}:{self.port}: {exc}"
+                                  ) from None
+        self.c.loop_start()
+        if not self._ready.wait(timeout_s):
+            raise ConnectionError(f"broker at {self.host}:{self.port} did not accept us")
+        if subscribe and not self._suback.wait(timeout_s):
+            raise ConnectionError("broker did not acknowledge the subscription")
+
+    def publish(self, topic: str, payload: str, timeout_s: float = 10.0) -> None:
+        info = self.c.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout_s)
+        if not info.is_published():
+            raise ConnectionError(f"broker did not acknowledge the publish within {timeout_s} s")
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def send(host: str, port: int, prefix: str, terminal: str, payload: str, *,
+         wait: str = "answer", timeout_s: float = 30.0,
+         out: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Publish a signed command; collect this command's results.
+
+    ``wait``: "none" (return after the broker's acknowledgement), "answer" (until accepted or
+    rejected) or "final" (until completed, cancelled, superseded, rejected or failed).
+    """
+    topics = Topics(prefix, terminal)
+    try:
+        cid = json.loads(json.loads(payload)["body"]).get("id")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        cid = None
+    client = _Client(host, port)
+    client.connect([topics.result] if wait != "none" else [])
+    results: list[dict[str, Any]] = []
+    try:
+        client.publish(topics.cmd, payload)
+        if wait == "none":
+            return results
+        deadline = time.monotonic() + timeout_s
+        seen: set[int] = set()
+        while time.monotonic() < deadline:
+            try:
+                msg = client.messages.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            for rec in _records(msg.payload):
+                if rec.get("seq") in seen or (cid is not None and rec.get("command_id") != cid):
+                    continue
+                seen.add(rec.get("seq", -1))
+                results.append(rec)
+                if out:
+                    out(rec)
+                st = rec.get("status")
+                if wait == "answer" and st in {"accepted", "rejected"}:
+                    return results
+                if st in FINAL_STATUSES:
+                    return results
+        raise TimeoutError(f"no {'answer' if wait == 'answer' else 'final result'} from "
+                           f"{terminal} within {timeout_s:g} s")
+    finally:
+        client.close()
+
+
+def _records(payload: bytes) -> list[dict[str, Any]]:
+    try:
+        msg = json.loads(payload)
+    except ValueError:
+        return []
+    recs = msg.get("records") if isinstance(msg, dict) else None
+    return [r for r in recs if isinstance(r, dict)] if isinstance(recs, list) else []
+
+
+@dataclass
+class StreamTracker:
+    """Per (terminal, stream): de-duplicate by sequence number and detect gaps."""
+
+    delivered: dict[tuple[str, str], int] = field(default_factory=dict)
+    ahead: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    duplicates: int = 0
+    gaps: list[tuple[str, str, int, int]] = field(default_factory=list)
+
+    def accept(self, terminal: str, stream: str, seq: int) -> bool:
+        """True for a record seen for the first time; records gaps as they appear."""
+        key = (terminal, stream)
+        if key not in self.delivered:
+            self.delivered[key] = seq
+            self.ahead[key] = set()
+            return True
+        last = self.delivered[key]
+        ahead = self.ahead[key]
+        if seq <= last or seq in ahead:
+            self.duplicates += 1
+            return False
+        if seq == last + 1:
+            last = seq
+            while last + 1 in ahead:
+                last += 1
+                ahead.discard(last)
+            self.delivered[key] = last
+        else:
+            missing_from = max([last, *[s for s in ahead if s < seq]]) + 1
+            if missing_from < seq:
+                self.gaps.append((terminal, stream, missing_from, seq - 1))
+            ahead.add(seq)
+        return True
+
+    def open_gaps(self) -> list[tuple[str, str, int, int]]:
+        """Ranges still missing now (sequence numbers never received)."""
+        out = []
+        for (term, stream), last in self.delivered.items():
+            prev = last
+            for s in sorted(self.ahead[(term, stream)]):
+                if s > prev + 1:
+                    out.append((term, stream, prev + 1, s - 1))
+                prev = s
+        return out
+
+
+def _fmt_values(values: dict[str, Any]) -> str:
+    if "power_w" in values:
+        v = values
+        return (f"P={v['power_w'] / 1000:.1f} kW"
+                + (f" f={v['frequency_hz']:.2f} Hz" if "frequency_hz" in v else "")
+                + (f" E={v['import_energy_kwh']:.2f} kWh" if "import_energy_kwh" in v else ""))
+    bits = [k for k, x in values.items() if isinstance(x, bool)]
+    if bits and len(bits) == len(values):
+        return "relays " + "".join("1" if values[k] else "0" for k in bits)
+    return " ".join(f"{k}={x:g}" if isinstance(x, float) else f"{k}={x}"
+                    for k, x in list(values.items())[:6])
+
+
+def format_record(terminal: str, stream: str, rec: dict[str, Any], historical: bool) -> str:
+    ts = time.strftime("%H:%M:%S", time.localtime(float(rec.get("ts", 0))))
+    hist = " (historical)" if historical else ""
+    head = f"{ts} {terminal} {stream}#{rec.get('seq')}{hist}"
+    if stream == "telemetry":
+        return f"{head} {rec.get('device')}: {_fmt_values(rec.get('values', {}))}"
+    if stream == "events":
+        data = rec.get("data", {})
+        if rec.get("type") in ("load_shed", "load_restored"):
+            return f"{head} {rec['type']} {data.get('load')}: {data.get('reason')}"
+        return f"{head} {rec.get('type')} " + " ".join(f"{k}={v}" for k, v in data.items())
+    reason = f" ({rec.get('reason')})" if rec.get("reason") else ""
+    return f"{head} command {rec.get('command_id')}: {rec.get('status')}{reason} {rec.get('detail', '')}"
+
+
+def watch(host: str, port: int, prefix: str, terminal: str = "+", *, as_json: bool = False,
+          duration_s: float | None = None, count: int | None = None,
+          stream: TextIO = sys.stdout) -> StreamTracker:
+    """Print telemetry, events, results and status as they arrive; return the tracker."""
+    tracker = StreamTracker()
+    client = _Client(host, port)
+    client.connect([f"{prefix}/{terminal}/#"])
+    n = 0
+    deadline = None if duration_s is None else time.monotonic() + duration_s
+    try:
+        for msg in _iter_messages(client, deadline):
+            parts = msg.topic[len(prefix) + 1:].split("/")
+            if len(parts) != 2:
+                continue
+            term, kind = parts
+            if kind == "status":
+                try:
+                    st = json.loads(msg.payload)
+                except ValueError:
+                    continue
+                if as_json:
+                    print(json.dumps({"terminal": term, "stream": "status", "status": st}),
+                          file=stream, flush=True)
+                else:
+                    state = "online" if st.get("online") else "OFFLINE"
+                    print(f"{term} status: {state} (lmt-edge {st.get('version')}, devices "
+                          f"{', '.join(st.get('devices', []))})", file=stream, flush=True)
+                continue
+            if kind == "cmd":
+                continue
+            try:
+                batch = json.loads(msg.payload)
+            except ValueError:
+                continue
+            sname = batch.get("stream", kind)
+            for rec in _records(msg.payload):
+                seq = rec.get("seq")
+                if not isinstance(seq, int):
+                    continue
+                gaps_before = len(tracker.gaps)
+                if not tracker.accept(term, sname, seq):
+                    continue
+                for g in tracker.gaps[gaps_before:]:
+                    line = (json.dumps({"gap": {"terminal": g[0], "stream": g[1],
+                                                "first": g[2], "last": g[3]}})
+                            if as_json else f"GAP {g[0]} {g[1]} #{g[2]}..#{g[3]} missing")
+                    print(line, file=stream, flush=True)
+                if as_json:
+                    print(json.dumps({"terminal": term, "stream": sname,
+                                      "historical": batch.get("historical", False),
+                                      "record": rec}), file=stream, flush=True)
+                else:
+                    print(format_record(term, sname, rec, bool(batch.get("historical"))),
+                          file=stream, flush=True)
+                n += 1
+                if count is not None and n >= count:
+                    return tracker
+    finally:
+        client.close()
+    return tracker
+
+
+def _iter_messages(client: _Client, deadline: float | None) -> Iterator[mqtt.MQTTMessage]:
+    while True:
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            return
+        try:
+            yield client.messages.get(timeout=0.5 if timeout is None else min(timeout, 0.5))
+        except queue.Empty:
+            continue

@@ -1,0 +1,120 @@
+"""Configuration: the shipped examples validate; a bad file names file, key and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmt.config import ConfigError, load_agent_config, load_profile, load_site
+from lmt.config.profiles import PROFILE_DIR, DataType, Table, available_profiles
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+
+
+def test_every_shipped_profile_validates() -> None:
+    ids = available_profiles()
+    assert {"eastron-sdm630", "generic-relay-8"} <= set(ids)
+    for pid in ids:
+        prof = load_profile(pid)
+        assert prof.source
+        assert prof.points
+
+
+def test_profile_defaults_fill_points() -> None:
+    sdm = load_profile("eastron-sdm630")
+    p = sdm.point("power_w")
+    assert (p.table, p.type, p.address, p.unit) == (Table.INPUT, DataType.FLOAT32, 0x34, "W")
+    relay = load_profile("generic-relay-8").point("relay_8")
+    assert relay.table is Table.COIL and relay.writable and relay.address == 7
+
+
+def test_examples_validate(tmp_path: Path) -> None:
+    site = load_site(EXAMPLES / "demo-site.toml")
+    assert len(site.loads) == 7
+    agent = load_agent_config(EXAMPLES / "demo-agent.toml")
+    assert agent.terminal.id == "demo-0001"
+    # relative paths resolve against the config file's folder
+    assert agent.security.platform_public_key == EXAMPLES / "platform.pub"
+    assert agent.buffer.path == EXAMPLES / "lmt-buffer.sqlite"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "agent.toml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+[terminal]
+id = "t1"
+[security]
+platform_public_key = "p.pub"
+[[devices]]
+name = "m"
+profile = "eastron-sdm630"
+host = "127.0.0.1"
+port = {port}
+[control]
+main_meter = "m"
+"""
+
+
+def test_wrong_type_names_file_key_and_expectation(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE.format(port='"abc"'))
+    with pytest.raises(ConfigError) as ei:
+        load_agent_config(p)
+    msg = str(ei.value)
+    assert str(p) in msg
+    assert "devices[0].port" in msg
+    assert "valid integer" in msg and "'abc'" in msg
+
+
+def test_out_of_range_and_unknown_key(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE.format(port=70000) + "\n[poll]\nintervall_s = 1\n")
+    with pytest.raises(ConfigError) as ei:
+        load_agent_config(p)
+    keys = [k for k, _ in ei.value.problems]
+    assert "devices[0].port" in keys
+    assert "poll.intervall_s" in keys
+    assert "unknown key" in str(ei.value)
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE.format(port=502).replace('[terminal]\nid = "t1"\n', ""))
+    with pytest.raises(ConfigError) as ei:
+        load_agent_config(p)
+    assert ("terminal", "missing (required)") in ei.value.problems
+
+
+def test_reference_errors_are_explained(tmp_path: Path) -> None:
+    text = BASE.format(port=502) + '\n[[loads]]\nname = "x"\ndevice = "m"\npoint = "power_w"\n' \
+        'rated_kw = 5\n'
+    with pytest.raises(ConfigError) as ei:
+        load_agent_config(_write(tmp_path, text))
+    assert "loads[0].point" in str(ei.value) and "writable" in str(ei.value)
+    bad_profile = BASE.format(port=502).replace("eastron-sdm630", "no-such-meter")
+    with pytest.raises(ConfigError) as ei:
+        load_agent_config(_write(tmp_path, bad_profile))
+    assert "unknown profile 'no-such-meter'" in str(ei.value)
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_agent_config(_write(tmp_path, "[terminal\n"))
+    assert "not valid TOML" in str(ei.value) and "line 1" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        load_agent_config(tmp_path / "nope.toml")
+    assert "file not found" in str(ei.value)
+
+
+def test_profile_checks(tmp_path: Path) -> None:
+    from lmt.config.profiles import load_profile_file
+
+    p = tmp_path / "acme-x.toml"
+    p.write_text('id = "acme-x"\nvendor = "a"\nmodel = "b"\nkind = "meter"\nsource = "s"\n'
+                 '[[points]]\nname = "p"\ntable = "coil"\naddress = 1\ntype = "float32"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_profile_file(p)
+    assert "points[0]" in str(ei.value) and "must have type 'bool'" in str(ei.value)
+    assert PROFILE_DIR.is_dir()
