@@ -82,7 +82,7 @@ class Terminal:
 
 
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115
+    fh = open(log, "wb")
     try:
         return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
@@ -126,7 +126,7 @@ def terminal(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     client = ModbusTcpClient("127.0.0.1", port=site_port, timeout=2)
     assert client.connect()
     watch_out = work / "watch.jsonl"
-    wfh = open(watch_out, "wb")  # noqa: SIM115
+    wfh = open(watch_out, "wb")
     procs.append(subprocess.Popen(lmt_argv("platform", "watch", "--broker",
                                            f"127.0.0.1:{broker.port}", "--terminal", TERMINAL,
                                            "--json"), stdout=wfh, stderr=subprocess.DEVNULL))
