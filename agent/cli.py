@@ -112,7 +112,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def _command_body(args: argparse.Namespace) -> dict:
     from .platform import command_body
 
-    common = {"command_id": args.id, "expires_in_s": args.expires_in}
+    common = {"command_id": args.id, "expires_in_s": args.expires_in,
+              "issued_at": args.issued_at}
     if args.kind == "cap":
         return command_body("cap", args.terminal, cap_kw=args.kw, duration_s=args.duration,
                             until=args.until, **common)
@@ -255,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--key", required=required, help="platform private key (PEM)")
         sp.add_argument("--id", help="command id (default: random)")
         sp.add_argument("--expires-in", type=float, default=60.0, metavar="S",
-                        help="seconds the command may take to arrive (default 60)")
+                        help="seconds after issue the command may still arrive (default 60)")
+        sp.add_argument("--issued-at", type=parse_time, metavar="TIME",
+                        help="issue time, unix or ISO 8601 (default: now)")
         kinds = sp.add_subparsers(dest="kind", metavar="COMMAND", required=required)
         c = kinds.add_parser("cap", help="cap the site's import at --kw until --until or --for")
         c.add_argument("--kw", type=float, required=True)

@@ -157,7 +157,8 @@ class Agent:
             self.latest[name] = (now, values)
             self._pending_readings.append({"ts": now, "device": name, "values": values})
             fresh.add(name)
-        if self.clock() - self._last_flush >= self.cfg.buffer.flush_interval_s:
+        # Write the batch now if holding it until the next cycle would pass the flush interval.
+        if now + self.cfg.poll.interval_s > self._last_flush + self.cfg.buffer.flush_interval_s:
             self.flush_readings()
         return fresh
 

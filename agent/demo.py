@@ -42,6 +42,7 @@ class Observed:
     relays: dict[str, bool] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
+    last_shown: float = 0.0
 
 
 def _mean(xs: list[float]) -> float:
@@ -94,7 +95,6 @@ def run_demo(cap_for_s: float = 20.0, verbose: bool = False) -> int:
 
             def pump(seconds: float, show_power: bool = True) -> None:
                 deadline = time.monotonic() + seconds
-                last_shown = 0.0
                 while time.monotonic() < deadline:
                     try:
                         msg = console.messages.get(timeout=0.1)
@@ -104,10 +104,12 @@ def run_demo(cap_for_s: float = 20.0, verbose: bool = False) -> int:
                         _absorb(msg, obs, out)
                     if agent.poll() is not None:
                         raise RuntimeError(f"the agent exited with code {agent.returncode}")
-                    if show_power and obs.power and obs.power[-1][0] != last_shown:
-                        last_shown = obs.power[-1][0]
-                        out(f"   {time.strftime('%H:%M:%S', time.localtime(last_shown))}  "
-                            f"site {obs.power[-1][1]:7.1f} kW   relays {_relay_str(obs.relays)}")
+                    if show_power:
+                        for ts, kw in obs.power:
+                            if ts > obs.last_shown:
+                                obs.last_shown = ts
+                                out(f"   {time.strftime('%H:%M:%S', time.localtime(ts))}  "
+                                    f"site {kw:7.1f} kW   relays {_relay_str(obs.relays)}")
 
             out("\n-- waiting for the first telemetry")
             while not obs.power:
@@ -116,6 +118,7 @@ def run_demo(cap_for_s: float = 20.0, verbose: bool = False) -> int:
                     raise RuntimeError("no telemetry within 90 s")
             out("\n-- before: normal operation")
             n0 = len(obs.power)
+            obs.last_shown = obs.power[-1][0]
             pump(4.0)
             before = _mean([p for _, p in obs.power[n0:]]) if len(obs.power) > n0 \
                 else obs.power[-1][1]
@@ -132,13 +135,13 @@ def run_demo(cap_for_s: float = 20.0, verbose: bool = False) -> int:
                 out(f"   result: {a['status']} {a.get('detail', '')}")
             if answers[-1]["status"] != "accepted":
                 raise RuntimeError("the agent refused the command")
-            n1 = len(obs.power)
-            under_at: float | None = None
+            t_start = float(answers[-1]["ts"])
+            t_end = float(answers[-1]["data"]["end_at"])
             while time.monotonic() - sent_at < cap_for_s + 1.0:
                 pump(0.25)
-                if under_at is None and len(obs.power) > n1 and obs.power[-1][1] <= cap:
-                    under_at = time.monotonic() - sent_at
-            during = [p for _, p in obs.power[n1:]]
+            during = [(ts, p) for ts, p in obs.power if t_start <= ts < t_end]
+            first_under = next((ts for ts, p in during if p <= cap), None)
+            under_at = None if first_under is None else first_under - t_start
             out("\n-- after: the cap has ended")
             deadline = time.monotonic() + 15
             while not any(r.get("status") in ("completed", "cancelled") for r in obs.results):
@@ -148,16 +151,17 @@ def run_demo(cap_for_s: float = 20.0, verbose: bool = False) -> int:
             n2 = len(obs.power)
             pump(5.0)
             after = _mean([p for _, p in obs.power[n2:]])
-            settled = during[3:] if len(during) > 3 else during
+            settled = [p for ts, p in during if first_under is not None and ts >= first_under]
             shed = [e for e in obs.events if e.get("type") == "load_shed"]
             restored = [e for e in obs.events if e.get("type") == "load_restored"]
             out("\n== summary")
             out(f"   before  {before:7.1f} kW (mean)")
             out(f"   cap     {cap:7.1f} kW for {cap_for_s:.0f} s")
             if under_at is not None:
-                out(f"   under the cap {under_at:.1f} s after the command was sent")
-            out(f"   during  {max(settled):7.1f} kW (highest reading once settled), "
-                f"{_mean(settled):.1f} kW mean")
+                out(f"   under the cap {under_at:.1f} s after the agent accepted the command")
+            if settled:
+                out(f"   during  {max(settled):7.1f} kW (highest reading once under the cap), "
+                    f"{_mean(settled):.1f} kW mean")
             out(f"   after   {after:7.1f} kW (mean)")
             out(f"   relays opened: {len(shed)}")
             for e in shed:
@@ -166,7 +170,7 @@ def run_demo(cap_for_s: float = 20.0, verbose: bool = False) -> int:
                     f"{d['reason']}")
             out(f"   loads restored: {', '.join(e['data']['load'] for e in restored) or 'none'}")
             out("   results: " + ", ".join(r["status"] for r in obs.results))
-            ok = (under_at is not None and max(settled) <= cap
+            ok = (under_at is not None and bool(settled) and max(settled) <= cap
                   and {e["data"]["load"] for e in shed} <= {e["data"]["load"] for e in restored})
             console.close()
             agent.terminate()

@@ -62,10 +62,11 @@ class Terminal:
     def records(self, stream: str) -> list[dict]:
         return [x["record"] for x in self.watched() if x.get("stream") == stream]
 
-    def sign(self, name: str, *args: str, terminal: str = TERMINAL,
-             expires_in: str = "30") -> Path:
+    def sign(self, name: str, *args: str, terminal: str = TERMINAL, expires_in: str = "30",
+             issued_at: float | None = None) -> Path:
+        when = ["--issued-at", str(issued_at)] if issued_at is not None else []
         out = subprocess.run(lmt_argv("platform", "sign", "--terminal", terminal, "--key",
-                                      str(self.key), "--expires-in", expires_in, *args),
+                                      str(self.key), "--expires-in", expires_in, *when, *args),
                              check=True, capture_output=True, text=True, timeout=60)
         path = self.work / f"{name}.json"
         path.write_text(out.stdout.strip())
@@ -163,7 +164,8 @@ def test_bad_commands_are_refused_and_change_nothing(terminal: Terminal) -> None
                                                                       '"cap_kw":11.0'))))
     cases = {
         "bad_signature": tampered,
-        "expired": t.sign("expired", "cap", "--kw", "10", "--for", "30s", expires_in="-5"),
+        "expired": t.sign("expired", "cap", "--kw", "10", "--for", "30s", expires_in="60",
+                          issued_at=time.time() - 120),
         "wrong_terminal": t.sign("other", "cap", "--kw", "10", "--for", "30s",
                                  terminal="demo-0002"),
     }
