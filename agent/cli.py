@@ -92,20 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- sim -------------------------------------------------------------------------------------
 def cmd_sim(args: argparse.Namespace) -> int:
-    from lmt.config import ConfigError
-    from lmt.firmware_sim.server import run_site
+    from lmt.firmware_sim.cli import run
 
     _setup_logging(args.log_level)
-    try:
-        asyncio.run(run_site(Path(args.site), args.port, Path(args.ready_file)
-                             if args.ready_file else None))
-    except ConfigError as exc:
-        print(f"lmt sim: configuration error\n{exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"lmt sim: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run(args)
 
 
 # -- platform --------------------------------------------------------------------------------
@@ -234,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sim", help="serve a simulated site over Modbus TCP",
                        description="Serve a simulated site (meters, relay modules, loads) over "
                        "Modbus TCP, for testing without hardware. See docs/simulator.md.")
-    s.add_argument("site", help="site file (TOML), e.g. config/examples/demo-site.toml")
-    s.add_argument("--port", type=int, help="TCP port (overrides the site file; 0 = any free)")
-    s.add_argument("--ready-file", help="write the bound port to this file once serving")
+    from lmt.firmware_sim.cli import add_arguments as add_sim_arguments
+
+    add_sim_arguments(s)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_sim)
 

@@ -30,10 +30,8 @@ class ModbusTcpBus:
         self.host = host
         self.port = port
         self.timeout_s = timeout_s
-        # reconnect_delay=0: no background reconnects; the agent decides when to retry.
-        self._client = AsyncModbusTcpClient(host, port=port, timeout=timeout_s, retries=0,
-                                            reconnect_delay=0)
-        self._lock = asyncio.Lock()
+        self._client: AsyncModbusTcpClient | None = None  # made on first use, inside the loop
+        self._lock: asyncio.Lock | None = None
         self.transactions = 0
 
     @property
@@ -42,33 +40,41 @@ class ModbusTcpBus:
 
     @property
     def connected(self) -> bool:
-        return bool(self._client.connected)
+        return self._client is not None and bool(self._client.connected)
 
-    async def ensure_connected(self) -> None:
+    async def ensure_connected(self) -> AsyncModbusTcpClient:
+        if self._client is None:
+            # reconnect_delay=0: no background reconnects; the agent decides when to retry.
+            self._client = AsyncModbusTcpClient(self.host, port=self.port, timeout=self.timeout_s,
+                                                retries=0, reconnect_delay=0)
         if self._client.connected:
-            return
+            return self._client
         try:
             ok = await self._client.connect()
         except (OSError, ModbusException) as exc:
             raise DeviceUnavailable(self.name, f"cannot connect: {exc}") from exc
         if not ok:
             raise DeviceUnavailable(self.name, "cannot connect (refused or timed out)")
+        return self._client
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
     async def call(self, label: str, function: int, coro_factory):  # type: ignore[no-untyped-def]
         """Run one request under the bus lock; map transport failures to typed errors."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
         async with self._lock:
-            await self.ensure_connected()
+            client = await self.ensure_connected()
             self.transactions += 1
             try:
-                rr = await coro_factory(self._client)
+                rr = await coro_factory(client)
             except ModbusException as exc:
-                self._client.close()
+                client.close()
                 raise DeviceUnavailable(label, f"no valid answer: {exc}") from exc
             except (TimeoutError, OSError) as exc:
-                self._client.close()
+                client.close()
                 raise DeviceUnavailable(label, f"connection failed: {exc}") from exc
         if rr.isError():
             code = getattr(rr, "exception_code", 0)

@@ -299,6 +299,8 @@ class SimulatedSite:
         try:
             await server.serve_forever(background=True)
         except RuntimeError as exc:
+            if ModbusTcpServer.active_server is server:
+                ModbusTcpServer.active_server = None
             raise OSError(f"cannot listen on {self.host}:{self.port} "
                           "(address in use or not available)") from exc
         listener = cast(asyncio.Server, server.transport)
