@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from .daemon import lmt_version
+        from . import lmt_version
 
         print(f"lmt-edge {lmt_version()}")
         return 0

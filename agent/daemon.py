@@ -18,7 +18,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +25,17 @@ from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessageInfo
 
 from lmt.config.agent import AgentConfig
 from lmt.config.profiles import load_profile
-from lmt.control import CapParams, LoadSpec, LoadState, decide_cap, decide_release
+from lmt.control import CapParams, LoadSpec, LoadState, decide_cap, decide_release, warmup
 from lmt.drivers.errors import DriverError
 from lmt.drivers.modbus_tcp import ModbusDevice, ModbusTcpBus
 
+from . import lmt_version
 from .buffer import STREAMS, Buffer, Record
 from .messages import CancelCommand, CapCommand, Command, ShedCommand, Status
 from .mqtt import MqttLink, Topics
 from .security import Refusal, load_public_key, verify_command
 
 log = logging.getLogger("lmt.agent")
-
-
-def lmt_version() -> str:
-    try:
-        return version("lmt-edge")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass
@@ -236,7 +229,8 @@ class Agent:
             act.executed = True
             shed = [self.cfg.loads[i].name for i in dec.shed]
             self.result(act.command_id, "executed",
-                        detail=f"site {site:.1f} kW, cap {act.cap_kw:.1f} kW, shed {shed or 'none'}",
+                        detail=f"site {site:.1f} kW, cap {act.cap_kw:.1f} kW, "
+                               f"shed: {', '.join(shed) or 'nothing needed'}",
                         site_kw=round(site, 3), cap_kw=act.cap_kw, shed=shed)
 
     # -- commands -----------------------------------------------------------------------------
@@ -286,8 +280,13 @@ class Agent:
                 raise Refusal("expired", "the cap's end time has passed")
             detail = f"cap {cap:g} kW"
         detail += f" for {end - now:.0f} s"
-        if self.active is not None and self.active.ending is None:
-            self.result(self.active.command_id, "superseded", detail=f"by {cmd.id}")
+        old = self.active
+        if old is not None:
+            # The new command takes over the loads the old one shed; the old one gets its
+            # final answer now (and a pending cancel of it is done).
+            self.result(old.command_id, "superseded", detail=f"by {cmd.id}")
+            if old.cancel_id:
+                self.result(old.cancel_id, "completed", detail=f"{old.command_id} superseded")
         self.result(cmd.id, "accepted", detail=detail, cap_kw=round(cap, 3), end_at=end)
         self.active = ActiveControl(cmd.id, cmd.type, cap, end)
         self.event("control_started", command_id=cmd.id, kind=cmd.type, cap_kw=round(cap, 3),
@@ -369,6 +368,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
+        warmup()  # loads the compiled kernels from numba's disk cache: no compile mid-command
         self.link = MqttLink(self.cfg.mqtt, self.terminal, self.topics, loop,
                              self.handle_command, self.status_payload)
         self.event("agent_started", version=lmt_version(), config_hash=self.config_hash)

@@ -41,8 +41,14 @@ ensure_venv() {
     want=$(cat "$LMT_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         say "installing lmt-edge and its dependencies into .venv (first run takes a few minutes)"
-        "$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=69" wheel
-        "$VENV/bin/python" -m pip install -q -e "$LMT_ROOT[test]"
+        local log="$VENV/install.log"
+        if ! { "$VENV/bin/python" -m pip install --upgrade pip "setuptools>=69" wheel &&
+               "$VENV/bin/python" -m pip install -e "$LMT_ROOT[test]"; } >"$log" 2>&1; then
+            tail -n 30 "$log" >&2
+            die "installing the Python packages failed (full log: $log)"
+        fi
+        # Compile the control kernels into numba's on-disk cache, so starts are warm.
+        "$VENV/bin/lmt" warmup >>"$log" 2>&1 || say "warning: lmt warmup failed (see $log)"
         echo "$want" > "$stamp"
     fi
 }

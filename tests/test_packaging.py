@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,7 +33,13 @@ def _install(tmp: Path, editable: bool) -> Path:
     env_dir = tmp / ("venv-e" if editable else "venv")
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    target = ["-e", str(ROOT)] if editable else [str(ROOT)]
+    if editable:
+        target = ["-e", str(ROOT)]
+    else:  # build from a copy, so no build/ folder lands in (or is reused from) the checkout
+        src = tmp / "src"
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+        target = [str(src)]
     # --no-deps: the dependencies come from the test environment below; what is under test
     # is what this project's own packaging puts in place.
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *target], check=True,
