@@ -134,3 +134,49 @@ def test_delivered_only_after_ack_and_resumed_after_outage(tmp_path: Path, site:
             sub.close()
         runner.stop()
         broker.stop()
+
+
+def _status(sub: _Client, timeout_s: float = 15.0) -> dict:
+    msg = sub.messages.get(timeout=timeout_s)
+    assert msg.topic == "lmt/v1/demo-0001/status"
+    return json.loads(msg.payload)
+
+
+def test_retained_status_clean_stop_and_last_will(tmp_path: Path, site: int,
+                                                  broker: Broker) -> None:
+    """Online is retained on connect; SIGTERM publishes offline; SIGKILL leaves the will."""
+    _, pub = generate_keypair(tmp_path / "keys")
+    cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text())
+    cfg["mqtt"]["port"] = broker.port
+    cfg["security"]["platform_public_key"] = str(pub)
+    cfg["buffer"]["path"] = str(tmp_path / "buffer.sqlite")
+    for d in cfg["devices"]:
+        d["port"] = site
+    (tmp_path / "agent.toml").write_text(tomli_w.dumps(cfg))
+    sub = _Client("127.0.0.1", broker.port)
+    sub.connect(["lmt/v1/demo-0001/status"])
+    try:
+        for stop in ("SIGTERM", "SIGKILL"):
+            agent = subprocess.Popen(lmt_argv("run", "--config", str(tmp_path / "agent.toml")),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            st = _status(sub)
+            while not st["online"]:  # the retained offline status of the previous round
+                st = _status(sub)
+            assert st["devices"] == ["main-meter", "relays"] and st["contract"] == 1
+            assert len(st["config_hash"]) == 64 and st["version"]
+            if stop == "SIGTERM":
+                agent.terminate()
+                assert agent.wait(15) == 0
+            else:
+                agent.kill()
+                agent.wait(15)
+            off = _status(sub)
+            assert off["online"] is False and off["session"] == st["session"], stop
+        # a new subscriber sees the retained offline status
+        late = _Client("127.0.0.1", broker.port)
+        late.connect(["lmt/v1/demo-0001/status"])
+        msg = late.messages.get(timeout=10)
+        late.close()
+        assert msg.retain and json.loads(msg.payload)["online"] is False
+    finally:
+        sub.close()
