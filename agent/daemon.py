@@ -233,6 +233,26 @@ class Agent:
                                f"shed: {', '.join(shed) or 'nothing needed'}",
                         site_kw=round(site, 3), cap_kw=act.cap_kw, shed=shed)
 
+    async def _stop_control(self) -> None:
+        """On shutdown, no load stays off: restore what the active command shed, and say so."""
+        act = self.active
+        if act is None:
+            return
+        now = self.clock()
+        dec = decide_release(self.load_specs, self.load_states)
+        for idx in dec.restore:
+            await self._switch(idx, True, now, self.site_kw(), "agent stopping: command ended early")
+        left = [ld.name for ld, st in zip(self.cfg.loads, self.load_states, strict=True)
+                if st.shed_by_us]
+        detail = "agent stopped before the command ended; " + (
+            f"could not restore {', '.join(left)}" if left else "all loads restored")
+        self.result(act.command_id, "failed", detail=detail)
+        if act.cancel_id:
+            self.result(act.cancel_id, "completed", detail=f"{act.command_id} ended")
+        self.event("control_ended", command_id=act.command_id, how="agent_stopped",
+                   site_kw=self.site_kw())
+        self.active = None
+
     # -- commands -----------------------------------------------------------------------------
     def handle_command(self, payload: bytes) -> None:
         now = self.clock()
@@ -380,6 +400,7 @@ class Agent:
         try:
             await self.cycle_loop(stop)
         finally:
+            await self._stop_control()
             self.flush_readings()
             sync_stop.set()
             self.sync_wake.set()

@@ -180,3 +180,48 @@ def test_retained_status_clean_stop_and_last_will(tmp_path: Path, site: int,
         assert msg.retain and json.loads(msg.payload)["online"] is False
     finally:
         sub.close()
+
+
+def test_stop_during_a_command_restores_the_loads(tmp_path: Path, site: int,
+                                                  broker: Broker) -> None:
+    from pymodbus.client import ModbusTcpClient
+
+    from lmt.agent.platform import command_body, send, sign_command_file
+
+    key, pub = generate_keypair(tmp_path / "keys")
+    cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text())
+    cfg["mqtt"]["port"] = broker.port
+    cfg["security"]["platform_public_key"] = str(pub)
+    cfg["buffer"]["path"] = str(tmp_path / "buffer.sqlite")
+    for d in cfg["devices"]:
+        d["port"] = site
+    (tmp_path / "agent.toml").write_text(tomli_w.dumps(cfg))
+    runner = AgentThread(Agent(load_agent_config(tmp_path / "agent.toml"))).start()
+    modbus = ModbusTcpClient("127.0.0.1", port=site)
+    assert modbus.connect()
+
+    def coils() -> list[bool]:
+        return list(modbus.read_coils(0, count=8, device_id=2).bits[:8])
+
+    sub = _Client("127.0.0.1", broker.port)
+    sub.connect(["lmt/v1/demo-0001/result"])
+    try:
+        wait_until(lambda: runner.agent.site_kw() is not None, 30, "a meter reading")
+        body = command_body("cap", "demo-0001", cap_kw=50.0, duration_s=600)
+        answers = send("127.0.0.1", broker.port, "lmt/v1", "demo-0001",
+                       sign_command_file(key, body), timeout_s=20)
+        assert answers[-1]["status"] == "accepted"
+        wait_until(lambda: sum(not c for c in coils()[:7]) >= 3, 15, "loads to be shed")
+    finally:
+        runner.stop()
+    try:
+        assert all(coils()[:7]), "a load stayed off after the agent stopped"
+        statuses = []
+        while "failed" not in statuses:
+            msg = sub.messages.get(timeout=10)
+            statuses += [r["status"] for r in json.loads(msg.payload)["records"]
+                         if r["command_id"] == body["id"]]
+        assert statuses[-1] == "failed"
+    finally:
+        sub.close()
+        modbus.close()
