@@ -71,6 +71,23 @@ def buffer_state(path: Path, stream: str = "telemetry") -> tuple[int, int]:
         con.close()
 
 
+def write_agent_config(tmp_path: Path, site_port: int, broker_port: int, **overrides: dict
+                       ) -> tuple[Path, Path]:
+    """The demo agent file bound to this test's site and broker; returns (file, private key)."""
+    key, pub = generate_keypair(tmp_path / "keys")
+    cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text())
+    cfg["mqtt"]["port"] = broker_port
+    cfg["security"]["platform_public_key"] = str(pub)
+    cfg["buffer"]["path"] = str(tmp_path / "buffer.sqlite")
+    for d in cfg["devices"]:
+        d["port"] = site_port
+    for section, values in overrides.items():
+        cfg[section].update(values)
+    path = tmp_path / "agent.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    return path, key
+
+
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[int]:
     port = free_port()
@@ -90,18 +107,11 @@ def site(tmp_path: Path) -> Iterator[int]:
 
 def test_delivered_only_after_ack_and_resumed_after_outage(tmp_path: Path, site: int) -> None:
     broker = Broker().start()
-    _, pub = generate_keypair(tmp_path / "keys")
-    cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text())
-    cfg["mqtt"].update(port=broker.port, reconnect_min_s=1, reconnect_max_s=2)
-    cfg["security"]["platform_public_key"] = str(pub)
-    cfg["buffer"]["path"] = str(tmp_path / "buffer.sqlite")
-    cfg["poll"]["interval_s"] = 0.2
-    cfg["buffer"]["flush_interval_s"] = 0.2
-    for d in cfg["devices"]:
-        d["port"] = site
-    (tmp_path / "agent.toml").write_text(tomli_w.dumps(cfg))
+    cfg_path, _ = write_agent_config(tmp_path, site, broker.port,
+                                     mqtt={"reconnect_min_s": 1, "reconnect_max_s": 2},
+                                     poll={"interval_s": 0.2}, buffer={"flush_interval_s": 0.2})
     db = tmp_path / "buffer.sqlite"
-    runner = AgentThread(Agent(load_agent_config(tmp_path / "agent.toml"))).start()
+    runner = AgentThread(Agent(load_agent_config(cfg_path))).start()
     sub: _Client | None = None
     try:
         wait_until(lambda: (lambda d, last: d >= 10 and d == last)(*buffer_state(db)), 30,
@@ -145,19 +155,12 @@ def _status(sub: _Client, timeout_s: float = 15.0) -> dict:
 def test_retained_status_clean_stop_and_last_will(tmp_path: Path, site: int,
                                                   broker: Broker) -> None:
     """Online is retained on connect; SIGTERM publishes offline; SIGKILL leaves the will."""
-    _, pub = generate_keypair(tmp_path / "keys")
-    cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text())
-    cfg["mqtt"]["port"] = broker.port
-    cfg["security"]["platform_public_key"] = str(pub)
-    cfg["buffer"]["path"] = str(tmp_path / "buffer.sqlite")
-    for d in cfg["devices"]:
-        d["port"] = site
-    (tmp_path / "agent.toml").write_text(tomli_w.dumps(cfg))
+    cfg_path, _ = write_agent_config(tmp_path, site, broker.port)
     sub = _Client("127.0.0.1", broker.port)
     sub.connect(["lmt/v1/demo-0001/status"])
     try:
         for stop in ("SIGTERM", "SIGKILL"):
-            agent = subprocess.Popen(lmt_argv("run", "--config", str(tmp_path / "agent.toml")),
+            agent = subprocess.Popen(lmt_argv("run", "--config", str(cfg_path)),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             st = _status(sub)
             while not st["online"]:  # the retained offline status of the previous round
@@ -188,15 +191,8 @@ def test_stop_during_a_command_restores_the_loads(tmp_path: Path, site: int,
 
     from lmt.agent.platform import command_body, send, sign_command_file
 
-    key, pub = generate_keypair(tmp_path / "keys")
-    cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text())
-    cfg["mqtt"]["port"] = broker.port
-    cfg["security"]["platform_public_key"] = str(pub)
-    cfg["buffer"]["path"] = str(tmp_path / "buffer.sqlite")
-    for d in cfg["devices"]:
-        d["port"] = site
-    (tmp_path / "agent.toml").write_text(tomli_w.dumps(cfg))
-    runner = AgentThread(Agent(load_agent_config(tmp_path / "agent.toml"))).start()
+    cfg_path, key = write_agent_config(tmp_path, site, broker.port)
+    runner = AgentThread(Agent(load_agent_config(cfg_path))).start()
     modbus = ModbusTcpClient("127.0.0.1", port=site)
     assert modbus.connect()
 
