@@ -68,6 +68,11 @@ class Buffer:
             for s in STREAMS:
                 self.db.execute("INSERT OR IGNORE INTO stream_state(stream, delivered_seq) "
                                 "VALUES (?, 0)", [s])
+            if not self.db["shed_loads"].exists():
+                self.db["shed_loads"].create(
+                    {"load": str, "command_id": str, "since": float}, pk="load",
+                    not_null=("load", "since"), strict=True,
+                )
             if not self.db["seen_commands"].exists():
                 self.db["seen_commands"].create(
                     {"id": str, "expires_at": float, "received_at": float}, pk="id",
@@ -145,3 +150,29 @@ class Buffer:
                             "VALUES (?, ?, ?)", [command_id, expires_at, now])
             # An expired id would be refused as expired anyway: forget it after a day's margin.
             self.db.execute("DELETE FROM seen_commands WHERE expires_at < ?", [now - 86400.0])
+
+    # -- loads held off by a command (survives a restart) -------------------------------------
+    def set_shed(self, load: str, command_id: str | None, since: float) -> None:
+        with self.db.atomic():
+            self.db.execute("INSERT OR REPLACE INTO shed_loads(load, command_id, since) "
+                            "VALUES (?, ?, ?)", [load, command_id, since])
+
+    def clear_shed(self, load: str) -> None:
+        with self.db.atomic():
+            self.db.execute("DELETE FROM shed_loads WHERE load = ?", [load])
+
+    def shed_loads(self) -> dict[str, str | None]:
+        """Load name -> id of the command that shed it."""
+        return {r[0]: r[1] for r in
+                self.db.execute("SELECT load, command_id FROM shed_loads").fetchall()}
+
+    # -- retention ----------------------------------------------------------------------------
+    def prune_delivered(self, older_than_ts: float) -> int:
+        """Delete delivered records older than ``older_than_ts``; return how many."""
+        n = 0
+        with self.db.atomic():
+            for s in STREAMS:
+                cur = self.db.execute("DELETE FROM outbox WHERE stream = ? AND seq <= ? AND ts < ?",
+                                      [s, self.delivered_seq(s), older_than_ts])
+                n += cur.rowcount
+        return n

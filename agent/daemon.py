@@ -5,7 +5,8 @@ One asyncio loop runs three tasks:
   command is active run one closed-loop control step on the fresh main-meter reading;
 - the sync: publish buffered records in sequence order at QoS 1, and move each stream's
   delivered watermark only when the broker acknowledged;
-- commands arrive from paho's thread and are verified and answered on the loop.
+- commands arrive from paho's thread, are queued, and are verified, answered and carried out
+  by the cycle, which alone changes control state.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ log = logging.getLogger("lmt.agent")
 class DeviceHealth:
     online: bool = True
     failures: int = 0
-    next_retry: float = 0.0
+    next_retry: float = 0.0  # monotonic
     last_error: str = ""
 
     def backoff_s(self) -> float:
@@ -54,19 +56,22 @@ class ActiveControl:
     command_id: str
     kind: str
     cap_kw: float
-    end_at: float
+    end_mono: float  # monotonic deadline: a wall-clock step does not move it
     executed: bool = False
     ending: str | None = None  # None, "completed" or "cancelled"
     cancel_id: str | None = None
-    started_kw: float | None = None
-    actions: list[dict[str, Any]] = field(default_factory=list)
+
+
+SWITCH_RETRY_S = 30.0  # a load whose relay failed is left out of shedding this long
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig, config_path: Path | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 mono: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
-        self.clock = clock
+        self.clock = clock  # wall clock: timestamps, command validity
+        self.mono = mono  # monotonic clock: control timing, deadlines, back-off
         self.terminal = cfg.terminal.id
         self.topics = Topics(cfg.mqtt.topic_prefix, self.terminal)
         raw = config_path.read_bytes() if config_path else cfg.model_dump_json().encode()
@@ -82,15 +87,24 @@ class Agent:
             self.devices[d.name] = ModbusDevice(d.name, bus, d.device_id, load_profile(d.profile))
         self.buses = list(buses.values())
         self.health = {name: DeviceHealth() for name in self.devices}
-        self.latest: dict[str, tuple[float, dict[str, float | bool]]] = {}
+        self.latest: dict[str, tuple[float, dict[str, float | bool | None]]] = {}
         meter = self.devices[cfg.control.main_meter].profile.point(cfg.control.power_point)
         self._power_to_kw = 0.001 if meter.unit == "W" else 1.0
         self.load_specs = [LoadSpec(ld.name, ld.rated_kw, ld.priority, ld.critical)
                            for ld in cfg.loads]
         self.load_states = [LoadState(is_on=True) for _ in cfg.loads]
+        # Loads a command had shed when the agent last stopped (crash, power cut): they are
+        # restored by the first control step unless a command holds them.
+        held = self.buffer.shed_loads()
+        for ld, st in zip(cfg.loads, self.load_states, strict=True):
+            st.shed_by_us = ld.name in held
+        self._retry_switch: dict[int, float] = {}
         self.active: ActiveControl | None = None
+        self.stopping = False
+        self._commands: deque[bytes] = deque()
         self._pending_readings: list[dict[str, Any]] = []
         self._last_flush = 0.0
+        self._last_prune = self.mono()
         self.wake = asyncio.Event()
         self.sync_wake = asyncio.Event()
         self.link: MqttLink | None = None
@@ -116,7 +130,7 @@ class Agent:
         if self._pending_readings:
             self._append("telemetry", self._pending_readings)
             self._pending_readings = []
-        self._last_flush = self.clock()
+        self._last_flush = self.mono()
 
     def status_payload(self, online: bool) -> str:
         return Status(terminal=self.terminal, online=online, ts=self.clock(),
@@ -124,34 +138,40 @@ class Agent:
                       devices=list(self.devices), session=self.session).model_dump_json()
 
     # -- polling ------------------------------------------------------------------------------
-    async def poll_devices(self, now: float) -> set[str]:
+    async def poll_devices(self) -> set[str]:
         """Read every device that is due; return the names read successfully."""
         fresh: set[str] = set()
         for name, dev in self.devices.items():
             h = self.health[name]
-            if not h.online and now < h.next_retry:
+            if not h.online and self.mono() < h.next_retry:
                 continue
+            ts = self.clock()
             try:
                 values = await asyncio.wait_for(dev.read_points(),
                                                 self.cfg.poll.timeout_s * 3)
             except (DriverError, TimeoutError) as exc:
                 h.failures += 1
-                h.last_error = str(exc)
-                h.next_retry = now + h.backoff_s()
+                h.last_error = str(exc) or type(exc).__name__
+                backoff = h.backoff_s()
+                if self.active is not None and name == self.cfg.control.main_meter:
+                    backoff = self.cfg.poll.interval_s  # control is blind without it
+                h.next_retry = self.mono() + backoff
                 if h.online:
                     h.online = False
-                    log.warning("device %s offline: %s", name, exc)
-                    self.event("device_offline", device=name, error=str(exc))
+                    log.warning("device %s offline: %s", name, h.last_error)
+                    self.event("device_offline", device=name, error=h.last_error)
                 continue
             if not h.online:
                 log.info("device %s back online", name)
                 self.event("device_online", device=name, after_failures=h.failures)
             h.online, h.failures = True, 0
-            self.latest[name] = (now, values)
-            self._pending_readings.append({"ts": now, "device": name, "values": values})
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                     for k, v in values.items()}
+            self.latest[name] = (self.mono(), clean)
+            self._pending_readings.append({"ts": ts, "device": name, "values": clean})
             fresh.add(name)
         # Write the batch now if holding it until the next cycle would pass the flush interval.
-        if now + self.cfg.poll.interval_s > self._last_flush + self.cfg.buffer.flush_interval_s:
+        if self.mono() + self.cfg.poll.interval_s > self._last_flush + self.cfg.buffer.flush_interval_s:
             self.flush_readings()
         return fresh
 
@@ -159,60 +179,83 @@ class Agent:
         got = self.latest.get(self.cfg.control.main_meter)
         if got is None:
             return None
-        ts, values = got
-        if max_age_s is not None and self.clock() - ts > max_age_s:
+        at, values = got
+        power = values.get(self.cfg.control.power_point)
+        if power is None or isinstance(power, bool):
             return None
-        return float(values[self.cfg.control.power_point]) * self._power_to_kw
+        if max_age_s is not None and self.mono() - at > max_age_s:
+            return None
+        return float(power) * self._power_to_kw
 
     def _sync_load_states(self, fresh: set[str]) -> None:
-        for ld, st in zip(self.cfg.loads, self.load_states, strict=True):
+        now = self.mono()
+        for i, (ld, st) in enumerate(zip(self.cfg.loads, self.load_states, strict=True)):
             if ld.device in fresh:
-                st.is_on = bool(self.latest[ld.device][1][ld.point])
+                on = self.latest[ld.device][1].get(ld.point)
+                if on is None:
+                    continue
+                st.is_on = bool(on)
+                if st.is_on and st.shed_by_us:
+                    # On although we shed it: switched back by hand, or the off-write never
+                    # took. Either way we no longer hold it off.
+                    st.shed_by_us = False
+                    self.buffer.clear_shed(ld.name)
+            st.available = self._retry_switch.get(i, 0.0) <= now
 
     # -- control ------------------------------------------------------------------------------
-    async def _switch(self, idx: int, on: bool, now: float, site_kw: float | None,
-                      reason: str) -> bool:
+    async def _switch(self, idx: int, on: bool, site_kw: float | None, reason: str,
+                      command_id: str | None) -> bool:
         ld = self.cfg.loads[idx]
         st = self.load_states[idx]
+        if not on:
+            # Recorded before the write: if it takes effect but the answer is lost, the load
+            # is still restored later (and after a restart).
+            st.shed_by_us = True
+            self.buffer.set_shed(ld.name, command_id, self.clock())
         try:
             await self.devices[ld.device].write_coil(ld.point, on)
         except DriverError as exc:
             log.warning("switching %s %s failed: %s", ld.name, "on" if on else "off", exc)
-            self.event("switch_failed", load=ld.name, on=on, error=str(exc))
+            self._retry_switch[idx] = self.mono() + SWITCH_RETRY_S
+            st.available = False
+            self.event("switch_failed", load=ld.name, on=on, error=str(exc),
+                       command_id=command_id)
             return False
         st.is_on = on
-        st.shed_by_us = not on
-        st.last_switch_s = now
-        cid = self.active.command_id if self.active else None
-        action = {"load": ld.name, "device": ld.device, "point": ld.point,
-                  "rated_kw": ld.rated_kw, "site_kw": None if site_kw is None else round(site_kw, 3),
-                  "reason": reason, "command_id": cid}
+        st.last_switch_s = self.mono()
+        if on:
+            st.shed_by_us = False
+            self.buffer.clear_shed(ld.name)
         log.info("%s %s: %s", "restored" if on else "shed", ld.name, reason)
-        self.event("load_restored" if on else "load_shed", **action)
-        if self.active:
-            self.active.actions.append({"load": ld.name, "on": on})
+        self.event("load_restored" if on else "load_shed", load=ld.name, device=ld.device,
+                   point=ld.point, rated_kw=ld.rated_kw,
+                   site_kw=None if site_kw is None else round(site_kw, 3),
+                   reason=reason, command_id=command_id)
         return True
 
-    async def control_step(self, now: float, fresh: set[str]) -> None:
-        act = self.active
-        if act is None:
-            return
+    async def _release(self, site: float | None, why: str, command_id: str | None) -> bool:
+        """Restore every load we hold off; True when none is left off."""
+        dec = decide_release(self.load_specs, self.load_states)
+        for idx in dec.restore:
+            await self._switch(idx, True, site, f"restore {self.cfg.loads[idx].name}: {why}",
+                               command_id)
+        return not any(st.shed_by_us for st in self.load_states)
+
+    async def control_step(self, fresh: set[str]) -> None:
         self._sync_load_states(fresh)
         site = self.site_kw() if self.cfg.control.main_meter in fresh else None
-        if act.ending is None and now >= act.end_at:
+        act = self.active
+        if act is None:
+            if any(st.shed_by_us for st in self.load_states):  # left over from before a restart
+                await self._release(site, "no command holds it (shed before the agent restarted)",
+                                    None)
+            return
+        now = self.mono()
+        if act.ending is None and now >= act.end_mono:
             act.ending = "completed"
         if act.ending is not None:
-            dec = decide_release(self.load_specs, self.load_states)
-            for idx, why in zip(dec.restore, dec.reasons, strict=False):
-                await self._switch(idx, True, now, site, why)
-            if not any(st.shed_by_us for st in self.load_states):
-                self.result(act.command_id, act.ending, detail="all loads restored",
-                            site_kw=site, cap_kw=act.cap_kw)
-                if act.cancel_id:
-                    self.result(act.cancel_id, "completed", detail=f"{act.command_id} cancelled")
-                self.event("control_ended", command_id=act.command_id, how=act.ending,
-                           site_kw=site)
-                self.active = None
+            if await self._release(site, f"command {act.ending}", act.command_id):
+                self._finish(act, act.ending, "all loads restored", site)
             return
         if site is None:
             log.warning("no fresh main-meter reading: control holds this cycle")
@@ -223,37 +266,49 @@ class Agent:
                            min_on_s=self.cfg.control.min_on_s)
         dec = decide_cap(site, now, self.load_specs, self.load_states, params)
         actions = [(i, False) for i in dec.shed] + [(i, True) for i in dec.restore]
-        for (idx, on), why in zip(actions, dec.reasons, strict=False):
-            await self._switch(idx, on, now, site, why)
+        done = []
+        for (idx, on), why in zip(actions, dec.reasons, strict=True):
+            if await self._switch(idx, on, site, why, act.command_id) and not on:
+                done.append(self.cfg.loads[idx].name)
         if not act.executed:
             act.executed = True
-            shed = [self.cfg.loads[i].name for i in dec.shed]
             self.result(act.command_id, "executed",
                         detail=f"site {site:.1f} kW, cap {act.cap_kw:.1f} kW, "
-                               f"shed: {', '.join(shed) or 'nothing needed'}",
-                        site_kw=round(site, 3), cap_kw=act.cap_kw, shed=shed)
+                               f"shed: {', '.join(done) or 'nothing needed'}",
+                        site_kw=round(site, 3), cap_kw=act.cap_kw, shed=done)
+
+    def _finish(self, act: ActiveControl, status: str, detail: str, site: float | None) -> None:
+        self.result(act.command_id, status, detail=detail, cap_kw=act.cap_kw)
+        if act.cancel_id:
+            self.result(act.cancel_id, "completed", detail=f"{act.command_id} {status}")
+        self.event("control_ended", command_id=act.command_id, how=status, site_kw=site)
+        if self.active is act:
+            self.active = None
 
     async def _stop_control(self) -> None:
         """On shutdown, no load stays off: restore what the active command shed, and say so."""
         act = self.active
         if act is None:
             return
-        now = self.clock()
-        dec = decide_release(self.load_specs, self.load_states)
-        for idx in dec.restore:
-            await self._switch(idx, True, now, self.site_kw(), "agent stopping: command ended early")
-        left = [ld.name for ld, st in zip(self.cfg.loads, self.load_states, strict=True)
-                if st.shed_by_us]
-        detail = "agent stopped before the command ended; " + (
-            f"could not restore {', '.join(left)}" if left else "all loads restored")
-        self.result(act.command_id, "failed", detail=detail)
-        if act.cancel_id:
-            self.result(act.cancel_id, "completed", detail=f"{act.command_id} ended")
-        self.event("control_ended", command_id=act.command_id, how="agent_stopped",
-                   site_kw=self.site_kw())
-        self.active = None
+        if await self._release(self.site_kw(), "agent stopping", act.command_id):
+            detail = "agent stopped before the command ended; all loads restored"
+        else:
+            left = [ld.name for ld, st in zip(self.cfg.loads, self.load_states, strict=True)
+                    if st.shed_by_us]
+            detail = (f"agent stopped before the command ended; could not restore "
+                      f"{', '.join(left)} (restored at the next start)")
+        self._finish(act, "failed", detail, self.site_kw())
 
     # -- commands -----------------------------------------------------------------------------
+    def receive_command(self, payload: bytes) -> None:
+        """From the MQTT link (on the loop): queue for the cycle, which owns all control state."""
+        self._commands.append(payload)
+        self.wake.set()
+
+    def process_commands(self) -> None:
+        while self._commands:
+            self.handle_command(self._commands.popleft())
+
     def handle_command(self, payload: bytes) -> None:
         now = self.clock()
         sec = self.cfg.security
@@ -261,20 +316,29 @@ class Agent:
             cmd = verify_command(payload, self.public_key, self.terminal, now,
                                  sec.clock_skew_s, sec.max_lifetime_s)
         except Refusal as r:
-            self.result(r.command_id, "rejected", r.reason, r.detail)
+            if r.reason in ("malformed", "bad_signature"):
+                # The id is unauthenticated: never answer under it, or anyone could make a
+                # live command look refused. It is given for diagnosis only.
+                self.result(None, "rejected", r.reason, r.detail, claimed_id=r.command_id)
+            else:
+                self.result(r.command_id, "rejected", r.reason, r.detail)
             return
         if self.buffer.command_seen(cmd.id):
-            self.result(cmd.id, "rejected", "replayed", "this command id was received before")
+            self.result(cmd.id, "rejected", "replayed",
+                        "this command id was received before (a duplicate delivery never "
+                        "changes the original command)")
+            return
+        if self.stopping:  # not remembered: the platform may send it again after the restart
+            self.result(cmd.id, "rejected", "unavailable", "the terminal is stopping")
             return
         self.buffer.remember_command(cmd.id, cmd.expires_at, now)
         try:
             self._start_command(cmd, now)
         except Refusal as r:
             self.result(cmd.id, "rejected", r.reason, r.detail)
-            return
-        self.wake.set()
 
     def _start_command(self, cmd: Command, now: float) -> None:
+        mono = self.mono()
         if isinstance(cmd, CancelCommand):
             if self.active is None or self.active.command_id != cmd.target \
                     or self.active.ending is not None:
@@ -287,30 +351,28 @@ class Agent:
             site = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
             if site is None:
                 raise Refusal("unavailable", "no recent main-meter reading to shed from")
-            cap, end = site - cmd.shed_kw, now + cmd.duration_s
+            cap, duration = site - cmd.shed_kw, cmd.duration_s
             if cap <= 0:
-                raise Refusal("invalid", f"shed_kw {cmd.shed_kw} exceeds the site's "
+                raise Refusal("invalid", f"shed_kw {cmd.shed_kw:g} exceeds the site's "
                               f"{site:.1f} kW import")
             detail = f"shed {cmd.shed_kw:g} kW from {site:.1f} kW: cap {cap:.1f} kW"
         else:
             assert isinstance(cmd, CapCommand)
             cap = cmd.cap_kw
-            end = cmd.until if cmd.until is not None else now + (cmd.duration_s or 0.0)
-            if end <= now:
+            duration = cmd.duration_s if cmd.duration_s is not None else (cmd.until or now) - now
+            if duration <= 0:
                 raise Refusal("expired", "the cap's end time has passed")
             detail = f"cap {cap:g} kW"
-        detail += f" for {end - now:.0f} s"
+        detail += f" for {duration:.0f} s"
         old = self.active
         if old is not None:
-            # The new command takes over the loads the old one shed; the old one gets its
-            # final answer now (and a pending cancel of it is done).
-            self.result(old.command_id, "superseded", detail=f"by {cmd.id}")
-            if old.cancel_id:
-                self.result(old.cancel_id, "completed", detail=f"{old.command_id} superseded")
-        self.result(cmd.id, "accepted", detail=detail, cap_kw=round(cap, 3), end_at=end)
-        self.active = ActiveControl(cmd.id, cmd.type, cap, end)
+            # The new command takes over the loads the old one shed.
+            self._finish(old, "superseded", f"by {cmd.id}", self.site_kw())
+        self.result(cmd.id, "accepted", detail=detail, cap_kw=round(cap, 3),
+                    end_at=round(now + duration, 3))
+        self.active = ActiveControl(cmd.id, cmd.type, cap, mono + duration)
         self.event("control_started", command_id=cmd.id, kind=cmd.type, cap_kw=round(cap, 3),
-                   end_at=end)
+                   end_at=round(now + duration, 3))
 
     # -- sync -----------------------------------------------------------------------------
     def _batch_payload(self, stream: str, recs: list[Record], now: float) -> str:
@@ -375,22 +437,33 @@ class Agent:
         interval = self.cfg.poll.interval_s
         next_at = time.monotonic()
         while not stop.is_set():
-            now = self.clock()
-            fresh = await self.poll_devices(now)
-            await self.control_step(now, fresh)
+            self.process_commands()
+            fresh = await self.poll_devices()
+            await self.control_step(fresh)
+            self._housekeeping()
             next_at = max(next_at + interval, time.monotonic())
             self.wake.clear()
+            if self._commands:
+                continue
             try:
                 await asyncio.wait_for(self.wake.wait(), max(0.0, next_at - time.monotonic()))
                 next_at = time.monotonic()
             except TimeoutError:
                 pass
 
+    def _housekeeping(self) -> None:
+        if self.mono() - self._last_prune < 60.0:
+            return
+        self._last_prune = self.mono()
+        n = self.buffer.prune_delivered(self.clock() - self.cfg.buffer.keep_delivered_h * 3600)
+        if n:
+            log.debug("pruned %d delivered records", n)
+
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         warmup()  # loads the compiled kernels from numba's disk cache: no compile mid-command
         self.link = MqttLink(self.cfg.mqtt, self.terminal, self.topics, loop,
-                             self.handle_command, self.status_payload)
+                             self.receive_command, self.status_payload)
         self.event("agent_started", version=lmt_version(), config_hash=self.config_hash)
         self.link.start()
         log.info("terminal %s started: %d devices, %d loads, broker %s:%d", self.terminal,
@@ -400,6 +473,9 @@ class Agent:
         try:
             await self.cycle_loop(stop)
         finally:
+            self.stopping = True
+            self.link.unsubscribe_commands()
+            self.process_commands()  # answered: rejected, the terminal is stopping
             await self._stop_control()
             self.flush_readings()
             sync_stop.set()

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONTRACT_VERSION = 1
+MAX_DURATION_S = 7 * 86400
 
 TerminalId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 CommandId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -31,14 +32,16 @@ class Status(_Msg):
     contract: int = CONTRACT_VERSION
     config_hash: str = Field(description="sha256 of the agent configuration file")
     devices: list[str] = Field(default_factory=list)
-    session: int = Field(description="increments on every connect (Sparkplug's bdSeq)")
+    session: int = Field(description="agent start time in ms: changes on every start, so an old "
+                                     "death certificate can be told from a new one")
 
 
 class Reading(_Msg):
     seq: int = Field(ge=1, description="telemetry stream sequence number")
     ts: float = Field(description="unix time (s) of the read")
     device: str
-    values: dict[str, float | bool]
+    values: dict[str, float | bool | None] = Field(
+        description="point values in the units their names say; null = not a number (invalid)")
 
 
 class Event(_Msg):
@@ -123,13 +126,15 @@ class CapCommand(_CommandBase):
 
     type: Literal["cap"]
     cap_kw: float = Field(gt=0, le=1_000_000)
-    duration_s: float | None = Field(default=None, gt=0, le=86400 * 7)
+    duration_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
     until: float | None = Field(default=None, description="unix time the cap ends")
 
     @model_validator(mode="after")
     def _one_end(self) -> CapCommand:
         if (self.duration_s is None) == (self.until is None):
             raise ValueError("give exactly one of duration_s and until")
+        if self.until is not None and self.until - self.issued_at > MAX_DURATION_S:
+            raise ValueError("until is more than 7 days after issued_at")
         return self
 
 
@@ -138,7 +143,7 @@ class ShedCommand(_CommandBase):
 
     type: Literal["shed"]
     shed_kw: float = Field(gt=0, le=1_000_000)
-    duration_s: float = Field(gt=0, le=86400 * 7)
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S)
 
 
 class CancelCommand(_CommandBase):

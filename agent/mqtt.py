@@ -50,7 +50,7 @@ class MqttLink:
         self._lock = threading.Lock()
         client_id = cfg.client_id or f"lmt-{terminal}"
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv311, clean_session=True)
+                                  protocol=mqtt.MQTTv311, clean_session=False)
         if cfg.username:
             self.client.username_pw_set(cfg.username, cfg.password)
         self.client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min_s)),
@@ -93,6 +93,10 @@ class MqttLink:
     def start(self) -> None:
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
+
+    def unsubscribe_commands(self) -> None:
+        if self.connected:
+            self.client.unsubscribe(self.topics.cmd)
 
     def publish(self, topic: str, payload: str) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=1)

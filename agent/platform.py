@@ -114,13 +114,18 @@ def send(host: str, port: int, prefix: str, terminal: str, payload: str, *,
             except queue.Empty:
                 break
             for rec in _records(msg.payload):
-                if rec.get("seq") in seen or (cid is not None and rec.get("command_id") != cid):
+                data = rec.get("data") if isinstance(rec.get("data"), dict) else {}
+                ours = cid is None or rec.get("command_id") == cid or (
+                    rec.get("command_id") is None and data.get("claimed_id") == cid)
+                if rec.get("seq") in seen or not ours:
                     continue
                 seen.add(rec.get("seq", -1))
+                st = rec.get("status")
+                if st == "rejected" and any(r.get("status") == "accepted" for r in results):
+                    continue  # a duplicate delivery refused as replayed; the original stands
                 results.append(rec)
                 if out:
                     out(rec)
-                st = rec.get("status")
                 if wait == "answer" and st in {"accepted", "rejected"}:
                     return results
                 if st in FINAL_STATUSES:

@@ -50,12 +50,30 @@ class Security(_Strict):
     max_lifetime_s: float = Field(default=86400.0, gt=0,
                                   description="longest accepted expires_at - issued_at")
 
-    _path = field_validator("platform_public_key")(_resolve)
+    @field_validator("platform_public_key")
+    @classmethod
+    def _key_file(cls, v: Path, info: ValidationInfo) -> Path:
+        p = _resolve(v, info)
+        assert p is not None
+        try:
+            text = p.read_text(errors="replace")
+        except FileNotFoundError:
+            raise ValueError(f"file {p} not found (make it with `lmt platform keygen`; "
+                             "install the .pub file, never the .key)") from None
+        except OSError as exc:
+            raise ValueError(f"cannot read {p}: {exc.strerror}") from None
+        if "PRIVATE KEY" in text:
+            raise ValueError(f"{p} is a private key: a terminal holds only the public key")
+        if "-----BEGIN PUBLIC KEY-----" not in text:
+            raise ValueError(f"{p} is not a PEM public key")
+        return p
 
 
 class Buffer(_Strict):
     path: Path = Path("lmt-buffer.sqlite")
     flush_interval_s: float = Field(default=1.0, gt=0)
+    keep_delivered_h: float = Field(default=24.0, ge=0,
+                                    description="hours delivered records stay in the buffer")
 
     _path = field_validator("path")(_resolve)
 

@@ -68,6 +68,7 @@ class LoadState:
     is_on: bool
     shed_by_us: bool = False
     last_switch_s: float = float("-inf")
+    available: bool = True  # False: its relay failed recently; not a candidate to shed
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def decide_cap(
         return _EMPTY
     rated, priority, controllable = _static_arrays(tuple(loads))
     is_on, shed_by_us, last_switch = _state_arrays(states)
+    if not all(st.available for st in states):
+        controllable = controllable & np.array([st.available for st in states], dtype=np.bool_)
     actions = cap_step(
         float(site_kw),
         float(params.cap_kw),

@@ -177,6 +177,10 @@ def test_bad_commands_are_refused_and_change_nothing(terminal: Terminal) -> None
     malformed.write_text('{"v": 1, "body": "{}"}')
     rc, results = t.send_raw(malformed)
     assert (rc, results[-1]["reason"], results[-1]["command_id"]) == (3, "malformed", None)
+    # an unauthenticated id is never used to answer: it is only quoted, for diagnosis
+    rejected = [r for r in t.records("results") if r["reason"] == "bad_signature"]
+    assert rejected and rejected[-1]["command_id"] is None
+    assert rejected[-1]["data"]["claimed_id"] == json.loads(env["body"])["id"]
     # a couple of control cycles later, nothing has moved
     n = len(t.records("telemetry"))
     wait_until(lambda: len(t.records("telemetry")) > n + 4, 20, "more telemetry")

@@ -49,7 +49,10 @@ def test_run_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_run_check_validates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "--config", str(EXAMPLES / "demo-agent.toml"), "--check"]) == 0
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text((EXAMPLES / "demo-agent.toml").read_text())
+    assert main(["platform", "keygen", "--out", str(tmp_path)]) == 0
+    assert main(["run", "--config", str(cfg), "--check"]) == 0
     assert "configuration is valid" in capsys.readouterr().out
 
 
@@ -57,8 +60,10 @@ def test_run_refuses_a_missing_public_key(tmp_path: Path, capsys: pytest.Capture
                                           ) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text((EXAMPLES / "demo-agent.toml").read_text())
-    assert main(["run", "--config", str(cfg)]) == 1
-    assert "platform.pub" in capsys.readouterr().err
+    for args in (["--check"], []):  # exit 2: systemd does not restart on it
+        assert main(["run", "--config", str(cfg), *args]) == 2
+        err = capsys.readouterr().err
+        assert "security.platform_public_key" in err and "platform.pub not found" in err
 
 
 def test_keygen_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,19 +29,38 @@ def test_profile_defaults_fill_points() -> None:
     assert relay.table is Table.COIL and relay.writable and relay.address == 7
 
 
+PUBLIC_PEM = ("-----BEGIN PUBLIC KEY-----\n"
+              "MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
+              "-----END PUBLIC KEY-----\n")
+
+
 def test_examples_validate(tmp_path: Path) -> None:
     site = load_site(EXAMPLES / "demo-site.toml")
     assert len(site.loads) == 7
-    agent = load_agent_config(EXAMPLES / "demo-agent.toml")
+    (tmp_path / "demo-agent.toml").write_text((EXAMPLES / "demo-agent.toml").read_text())
+    (tmp_path / "platform.pub").write_text(PUBLIC_PEM)
+    agent = load_agent_config(tmp_path / "demo-agent.toml")
     assert agent.terminal.id == "demo-0001"
     # relative paths resolve against the config file's folder
-    assert agent.security.platform_public_key == EXAMPLES / "platform.pub"
-    assert agent.buffer.path == EXAMPLES / "lmt-buffer.sqlite"
+    assert agent.security.platform_public_key == tmp_path / "platform.pub"
+    assert agent.buffer.path == tmp_path / "lmt-buffer.sqlite"
+
+
+def test_public_key_file_is_checked(tmp_path: Path) -> None:
+    text = (EXAMPLES / "demo-agent.toml").read_text()
+    (tmp_path / "agent.toml").write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        load_agent_config(tmp_path / "agent.toml")
+    assert "security.platform_public_key" in str(ei.value) and "not found" in str(ei.value)
+    (tmp_path / "platform.pub").write_text("-----BEGIN PRIVATE KEY-----\nxx\n")
+    with pytest.raises(ConfigError, match="a terminal holds only the public key"):
+        load_agent_config(tmp_path / "agent.toml")
 
 
 def _write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "agent.toml"
     p.write_text(text)
+    (tmp_path / "p.pub").write_text(PUBLIC_PEM)
     return p
 
 
