@@ -4,58 +4,17 @@ simulated site over Modbus TCP, SQLite file)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import subprocess
-import threading
-import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import tomli_w
-
-from lmt.agent.broker import Broker, free_port
+from lmt.agent.broker import Broker
 from lmt.agent.daemon import Agent
 from lmt.agent.platform import StreamTracker, _Client
-from lmt.agent.security import generate_keypair
 from lmt.config import load_agent_config
-from tests.conftest import EXAMPLES, lmt_argv, wait_until
-
-
-class AgentThread:
-    """Runs an in-process Agent on its own event loop in a thread."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.stop_event: asyncio.Event | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self.loop = asyncio.get_running_loop()
-            self.stop_event = asyncio.Event()
-            await self.agent.run(self.stop_event)
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # surfaced by stop()
-            self.error = exc
-
-    def start(self) -> AgentThread:
-        self.thread.start()
-        wait_until(lambda: self.stop_event is not None, 30, "the agent loop")
-        return self
-
-    def stop(self) -> None:
-        assert self.loop is not None and self.stop_event is not None
-        self.loop.call_soon_threadsafe(self.stop_event.set)
-        self.thread.join(20)
-        assert not self.thread.is_alive()
-        if self.error:
-            raise self.error
+from tests.agent.harness import AgentThread, write_agent_config
+from tests.conftest import lmt_argv, wait_until
 
 
 def buffer_state(path: Path, stream: str = "telemetry") -> tuple[int, int]:
@@ -69,40 +28,6 @@ def buffer_state(path: Path, stream: str = "telemetry") -> tuple[int, int]:
         return int(delivered), int(last)
     finally:
         con.close()
-
-
-def write_agent_config(tmp_path: Path, site_port: int, broker_port: int, **overrides: dict
-                       ) -> tuple[Path, Path]:
-    """The demo agent file bound to this test's site and broker; returns (file, private key)."""
-    key, pub = generate_keypair(tmp_path / "keys")
-    cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text())
-    cfg["mqtt"]["port"] = broker_port
-    cfg["security"]["platform_public_key"] = str(pub)
-    cfg["buffer"]["path"] = str(tmp_path / "buffer.sqlite")
-    for d in cfg["devices"]:
-        d["port"] = site_port
-    for section, values in overrides.items():
-        cfg[section].update(values)
-    path = tmp_path / "agent.toml"
-    path.write_text(tomli_w.dumps(cfg))
-    return path, key
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[int]:
-    port = free_port()
-    cfg = tomllib.loads((EXAMPLES / "demo-site.toml").read_text())
-    cfg["server"]["port"] = port
-    (tmp_path / "site.toml").write_text(tomli_w.dumps(cfg))
-    ready = tmp_path / "sim.port"
-    p = subprocess.Popen(lmt_argv("sim", str(tmp_path / "site.toml"), "--ready-file", str(ready)),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(ready.exists, 30, "the simulator")
-        yield port
-    finally:
-        p.terminate()
-        p.wait(10)
 
 
 def test_delivered_only_after_ack_and_resumed_after_outage(tmp_path: Path, site: int) -> None:

@@ -1,0 +1,182 @@
+"""The agent's command life cycle on a simulated site, over real MQTT and Modbus TCP:
+shed, cancel, supersede, a relay that fails, and loads left off by a killed agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from pymodbus.client import ModbusTcpClient
+
+from lmt.agent.broker import Broker, free_port
+from lmt.agent.daemon import Agent
+from lmt.agent.platform import _Client, command_body, send, sign_command_file
+from lmt.config import load_agent_config
+from tests.agent.harness import AgentThread, write_agent_config
+from tests.conftest import lmt_argv, wait_until
+
+TERMINAL = "demo-0001"
+
+
+class Rig:
+    """A site (subprocess), an agent config, a Modbus observer and a results subscriber."""
+
+    def __init__(self, tmp: Path, site_port: int, broker: Broker, **overrides: Any) -> None:
+        self.broker = broker
+        self.cfg_path, self.key = write_agent_config(tmp, site_port, broker.port, **overrides)
+        self.modbus = ModbusTcpClient("127.0.0.1", port=site_port)
+        assert self.modbus.connect()
+        self.sub = _Client("127.0.0.1", broker.port)
+        self.sub.connect([f"lmt/v1/{TERMINAL}/result", f"lmt/v1/{TERMINAL}/events"])
+        self.results: list[dict] = []
+        self.events: list[dict] = []
+
+    def close(self) -> None:
+        self.sub.close()
+        self.modbus.close()
+
+    def pump(self) -> None:
+        while not self.sub.messages.empty():
+            msg = self.sub.messages.get()
+            batch = json.loads(msg.payload)
+            (self.results if batch["stream"] == "results" else self.events).extend(
+                batch["records"])
+
+    def statuses(self, cid: str) -> list[str]:
+        self.pump()
+        return [r["status"] for r in self.results if r["command_id"] == cid]
+
+    def event_loads(self, type_: str) -> list[str]:
+        self.pump()
+        return [e["data"]["load"] for e in self.events if e["type"] == type_]
+
+    def coils(self) -> list[bool]:
+        rr = self.modbus.read_coils(0, count=8, device_id=2)
+        assert not rr.isError()
+        return list(rr.bits[:8])
+
+    def power_kw(self) -> float:
+        import struct
+        rr = self.modbus.read_input_registers(0x34, count=2, device_id=1)
+        return struct.unpack(">f", struct.pack(">2H", *rr.registers))[0] / 1000
+
+    def command(self, kind: str, **params: Any) -> tuple[str, list[dict]]:
+        body = command_body(kind, TERMINAL, **params)
+        answers = send("127.0.0.1", self.broker.port, "lmt/v1", TERMINAL,
+                       sign_command_file(self.key, body), timeout_s=20)
+        return body["id"], answers
+
+
+def test_shed_then_cancel(tmp_path: Path, site: int, broker: Broker) -> None:
+    rig = Rig(tmp_path, site, broker)
+    runner = AgentThread(Agent(load_agent_config(rig.cfg_path))).start()
+    try:
+        wait_until(lambda: runner.agent.site_kw() is not None, 30, "a meter reading")
+        before = sum(rig.power_kw() for _ in range(3)) / 3
+        cid, answers = rig.command("shed", shed_kw=40.0, duration_s=600)
+        assert answers[-1]["status"] == "accepted" and "shed 40 kW" in answers[-1]["detail"]
+        cap = answers[-1]["data"]["cap_kw"]
+        assert cap == pytest.approx(before - 40, abs=5)
+        wait_until(lambda: rig.power_kw() < cap, 10, "the site under the shed target")
+        wait_until(lambda: "executed" in rig.statuses(cid), 10, "executed")
+        kid, answers = rig.command("cancel", target=cid)
+        assert answers[-1]["status"] == "accepted"
+        wait_until(lambda: "completed" in rig.statuses(kid), 15, "the cancel to complete")
+        assert rig.statuses(cid) == ["accepted", "executed", "cancelled"]
+        assert all(rig.coils()[:7])
+        # cancelling it again: nothing active by that id
+        _kid2, answers = rig.command("cancel", target=cid)
+        assert answers[-1]["reason"] == "unknown_target"
+    finally:
+        runner.stop()
+        rig.close()
+
+
+def test_supersede_keeps_what_is_needed(tmp_path: Path, site: int, broker: Broker) -> None:
+    rig = Rig(tmp_path, site, broker)
+    runner = AgentThread(Agent(load_agent_config(rig.cfg_path))).start()
+    try:
+        wait_until(lambda: runner.agent.site_kw() is not None, 30, "a meter reading")
+        p0 = rig.power_kw()
+        a, _ = rig.command("cap", cap_kw=round(p0 - 60), duration_s=600)
+        wait_until(lambda: rig.power_kw() < p0 - 60, 10, "the deep cap")
+        shed_a = set(rig.event_loads("load_shed"))
+        b, answers = rig.command("cap", cap_kw=round(p0 - 20), duration_s=600)
+        assert answers[-1]["status"] == "accepted"
+        wait_until(lambda: rig.statuses(a) == ["accepted", "executed", "superseded"], 10,
+                   "A superseded")
+        # B restores loads one per cycle while they fit, and never rises above its cap
+        wait_until(lambda: rig.event_loads("load_restored"), 20, "a staggered restore")
+        for _ in range(10):
+            assert rig.power_kw() < p0 - 20
+        restored = set(rig.event_loads("load_restored"))
+        assert restored <= shed_a
+        assert not set(rig.event_loads("load_shed")) - shed_a, "B shed a load A had not"
+        _kid, _ = rig.command("cancel", target=b)
+        wait_until(lambda: "cancelled" in rig.statuses(b), 15, "B cancelled")
+        assert all(rig.coils()[:7])
+    finally:
+        runner.stop()
+        rig.close()
+
+
+def test_a_failing_relay_is_passed_over(tmp_path: Path, site: int, broker: Broker) -> None:
+    dead = free_port()  # a second relay module that does not answer
+    rig = Rig(tmp_path, site, broker)
+    cfg = tomllib.loads(rig.cfg_path.read_text())
+    cfg["devices"].append({"name": "relays-b", "profile": "generic-relay-8",
+                           "host": "127.0.0.1", "port": dead, "device_id": 1})
+    cfg["loads"].append({"name": "dryer", "device": "relays-b", "point": "relay_1",
+                         "rated_kw": 50.0, "priority": 1})
+    rig.cfg_path.write_text(tomli_w.dumps(cfg))
+    runner = AgentThread(Agent(load_agent_config(rig.cfg_path))).start()
+    try:
+        wait_until(lambda: runner.agent.site_kw() is not None, 30, "a meter reading")
+        p0 = rig.power_kw()
+        cid, _ = rig.command("cap", cap_kw=round(p0 - 30), duration_s=600)
+        # the dryer (priority 1) is tried first, fails, and the next loads are shed instead
+        wait_until(lambda: rig.power_kw() < p0 - 30, 15, "the cap met without the dryer")
+        rig.pump()
+        failed = [e for e in rig.events if e["type"] == "switch_failed"]
+        assert failed and failed[0]["data"]["load"] == "dryer"
+        assert "dryer" not in rig.event_loads("load_shed")
+        executed = next(r for r in rig.results if r["command_id"] == cid and
+                    r["status"] == "executed")
+        assert "dryer" not in executed["data"]["shed"]
+        offline = [e for e in rig.events if e["type"] == "device_offline"]
+        assert offline and offline[0]["data"]["device"] == "relays-b"
+    finally:
+        runner.stop()
+        rig.close()
+
+
+def test_loads_shed_by_a_killed_agent_are_restored_at_start(tmp_path: Path, site: int,
+                                                            broker: Broker) -> None:
+    rig = Rig(tmp_path, site, broker)
+    agent = subprocess.Popen(lmt_argv("run", "--config", str(rig.cfg_path)),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "agent_started" in [e["type"] for e in (rig.pump() or rig.events)],
+                   30, "the agent")
+        p0 = rig.power_kw()
+        rig.command("cap", cap_kw=round(p0 - 50), duration_s=600)
+        wait_until(lambda: sum(not c for c in rig.coils()[:7]) >= 2, 15, "loads shed")
+        agent.kill()  # as a power cut would: no chance to restore anything
+        agent.wait(10)
+        off = [i for i, c in enumerate(rig.coils()[:7]) if not c]
+        assert off, "the loads should still be off after the kill"
+        agent = subprocess.Popen(lmt_argv("run", "--config", str(rig.cfg_path)),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: all(rig.coils()[:7]), 30, "the loads restored after the restart")
+        rig.pump()
+        reasons = [e["data"]["reason"] for e in rig.events if e["type"] == "load_restored"]
+        assert reasons and all("restarted" in r for r in reasons)
+    finally:
+        agent.terminate()
+        agent.wait(15)
+        rig.close()
