@@ -32,9 +32,25 @@ ensure_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         py=$(find_python) || die "Python 3.11 or newer is needed (on Debian: sudo apt-get install python3)"
         say "creating $VENV with $py"
-        if ! "$py" -m venv "$VENV" 2>/dev/null; then
+        if ! "$py" -m venv "$VENV" >/dev/null 2>&1; then
             rm -rf "$VENV"
-            die "python's venv module is missing: sudo apt-get install python3-venv"
+            # Debian ships venv (and ensurepip) separately: python3-venv, or python3.X-venv.
+            local pkg ver
+            ver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+            pkg=python3-venv
+            if [ "$(command -v python3 || true)" != "" ] &&
+                [ "$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)" != "$ver" ]; then
+                pkg="python$ver-venv"
+            fi
+            if command -v apt-get >/dev/null 2>&1; then
+                say "python's venv module is missing: installing $pkg from the system packages"
+                run_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+                    run_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null ||
+                    die "python's venv module is missing: run 'sudo apt-get install $pkg'"
+                "$py" -m venv "$VENV" >/dev/null 2>&1 || { rm -rf "$VENV"; die "cannot create $VENV with $py"; }
+            else
+                die "python's venv module is missing: install it for $py"
+            fi
         fi
     fi
     stamp="$VENV/.lmt-installed"
