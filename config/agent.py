@@ -79,8 +79,48 @@ class Buffer(_Strict):
 
 
 class Poll(_Strict):
-    interval_s: float = Field(default=1.0, ge=0.1)
-    timeout_s: float = Field(default=1.0, gt=0)
+    interval_s: float = Field(default=1.0, ge=0.1, description="cycle; fast points every cycle")
+    slow_interval_s: float = Field(default=60.0, ge=0.1,
+                                   description="max age of slow points (energy totals)")
+    timeout_s: float = Field(default=1.0, gt=0,
+                             description="response timeout before a device's latency is known")
+    min_timeout_s: float = Field(default=0.2, gt=0, description="adaptive timeout floor")
+    offline_after_s: float = Field(default=10.0, ge=0,
+                                   description="failing this long marks a device offline")
+    backoff_max_s: float = Field(default=60.0, gt=0, description="longest retry interval")
+
+
+SerialParity = Literal["N", "E", "O"]
+
+
+class Line(_Strict):
+    """A serial line (RS-485 bus) shared by the devices on it, one transaction at a time."""
+
+    name: str = Field(pattern=NAME)
+    port: str = Field(min_length=1, description="serial device, e.g. /dev/ttyUSB0")
+    protocol: Literal["modbus-rtu", "dlt645"]
+    baud: int | None = Field(default=None, description="default 9600 (Modbus RTU), 2400 (DL/T 645)")
+    parity: SerialParity | None = Field(default=None, description="default N (RTU), E (DL/T 645)")
+    stop_bits: Literal[1, 2] = 1
+    byte_size: Literal[7, 8] = 8
+    timeout_s: float | None = Field(default=None, gt=0,
+                                    description="response timeout (default: poll.timeout_s)")
+
+    @field_validator("baud")
+    @classmethod
+    def _baud(cls, v: int | None) -> int | None:
+        if v is not None and v not in (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200):
+            raise ValueError("baud must be one of 1200, 2400, 4800, 9600, 19200, 38400, 57600, "
+                             "115200")
+        return v
+
+    @property
+    def baud_rate(self) -> int:
+        return self.baud or (2400 if self.protocol == "dlt645" else 9600)
+
+    @property
+    def parity_bit(self) -> str:
+        return self.parity or ("E" if self.protocol == "dlt645" else "N")
 
 
 class Sync(_Strict):
@@ -89,12 +129,24 @@ class Sync(_Strict):
 
 
 class Device(_Strict):
+    """A device: a profile bound to a place — a TCP endpoint, or an address on a serial line."""
+
     name: str = Field(pattern=NAME)
     profile: str
-    protocol: Literal["modbus-tcp"] = "modbus-tcp"
-    host: str
+    host: str | None = Field(default=None, description="Modbus TCP: host of the device/gateway")
     port: int = Field(default=502, ge=1, le=65535)
-    device_id: int = Field(default=1, ge=0, le=255)
+    line: str | None = Field(default=None, description="serial: name of a [[lines]] entry")
+    device_id: int = Field(default=1, ge=0, le=255, description="Modbus device (unit) id")
+    address: str | None = Field(default=None, pattern=r"^[0-9]{12}$",
+                                description="DL/T 645 meter address, 12 digits")
+    offline_after_s: float | None = Field(default=None, ge=0,
+                                          description="default: poll.offline_after_s")
+
+    @model_validator(mode="after")
+    def _one_place(self) -> Device:
+        if (self.host is None) == (self.line is None):
+            raise ValueError(f"device {self.name!r}: give host (Modbus TCP) or line (serial)")
+        return self
 
 
 class Load(_Strict):
@@ -124,6 +176,7 @@ class AgentConfig(_Strict):
     buffer: Buffer = Buffer()
     poll: Poll = Poll()
     sync: Sync = Sync()
+    lines: list[Line] = []
     devices: list[Device] = Field(min_length=1)
     control: Control
     loads: list[Load] = []
@@ -133,12 +186,29 @@ class AgentConfig(_Strict):
         names = [d.name for d in self.devices]
         if len(set(names)) != len(names):
             raise ValueError("device names must be unique")
+        lines = {ln.name: ln for ln in self.lines}
+        if len(lines) != len(self.lines):
+            raise ValueError("line names must be unique")
         profiles = {}
         for i, d in enumerate(self.devices):
             try:
-                profiles[d.name] = load_profile(d.profile)
+                profiles[d.name] = prof = load_profile(d.profile)
             except KeyError as exc:
                 raise ValueError(f"devices[{i}].profile: {exc.args[0]}") from None
+            if d.line is not None and d.line not in lines:
+                raise ValueError(f"devices[{i}].line: no line named {d.line!r}")
+            proto = self.protocol_of(d)
+            if (proto == "dlt645") != (prof.protocol == "dlt645"):
+                raise ValueError(f"devices[{i}].profile: {prof.id!r} is a {prof.protocol} "
+                                 f"profile, the device is on {proto}")
+            if proto == "dlt645" and d.address is None:
+                raise ValueError(f"devices[{i}].address: a DL/T 645 meter needs its 12-digit "
+                                 "address")
+        for ln in self.lines:
+            on = [d for d in self.devices if d.line == ln.name]
+            ids = [d.address if ln.protocol == "dlt645" else d.device_id for d in on]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"line {ln.name!r}: two devices share an address")
         if self.control.main_meter not in profiles:
             raise ValueError(f"control.main_meter: no device named {self.control.main_meter!r}")
         meter = profiles[self.control.main_meter]
@@ -167,6 +237,15 @@ class AgentConfig(_Strict):
 
     def device(self, name: str) -> Device:
         return next(d for d in self.devices if d.name == name)
+
+    def line(self, name: str) -> Line:
+        return next(ln for ln in self.lines if ln.name == name)
+
+    def protocol_of(self, d: Device) -> str:
+        """modbus-tcp, modbus-rtu or dlt645."""
+        if d.line is None:
+            return "modbus-tcp"
+        return self.line(d.line).protocol
 
 
 def load_agent_config(path: Path | str) -> AgentConfig:

@@ -49,34 +49,93 @@ class DataType(StrEnum):
 
 
 class Point(BaseModel):
-    """One named value of a device."""
+    """One named value of a device.
+
+    A Modbus point has ``table``, ``address`` and ``type``; a DL/T 645 point has ``di`` and
+    ``format``. Engineering value = raw × ``multiplier`` + ``offset``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$",
                       description="point name, unit in the name: power_w, energy_kwh")
-    table: Table
-    address: int = Field(ge=0, le=0xFFFF, description="0-based protocol address")
-    type: DataType
-    word_order: Literal["big", "little"] = "big"
-    multiplier: float = 1.0
     unit: str = ""
-    writable: bool = False
     description: str = ""
+    multiplier: float = 1.0
+    offset: float = 0.0
+    poll: Literal["fast", "slow"] = Field(
+        default="fast", description="fast: every cycle (power); slow: slow_interval_s (energy)")
+    writable: bool = False
+    # -- Modbus --
+    table: Table | None = None
+    address: int | None = Field(default=None, ge=0, le=0xFFFF,
+                                description="0-based protocol address")
+    type: DataType | None = None
+    word_order: Literal["big", "little"] = Field(
+        default="big", description="big: high word first (Modbus convention)")
+    byte_order: Literal["big", "little"] = Field(
+        default="big", description="byte order inside each 16-bit register")
+    bit: int | None = Field(default=None, ge=0, le=63,
+                            description="a bit field: the value is this bit of the integer")
+    invalid: tuple[int, ...] = Field(
+        default=(), description="raw values that mean 'not available' (decoded as null)")
+    barrier: bool = Field(default=False,
+                          description="a block read never spans into this point from below")
+    # -- DL/T 645-2007 --
+    di: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f]{8}$",
+                           description="data identifier DI3 DI2 DI1 DI0 as 8 hex digits")
+    format: str | None = Field(default=None, pattern=r"^X+(\.X+)?$",
+                               description="BCD layout, e.g. XXXXXX.XX (4 bytes, 2 decimals)")
+    signed: bool = Field(default=False, description="bit 7 of the top byte is the sign")
 
     @model_validator(mode="after")
-    def _check_type_table(self) -> Point:
+    def _check_kind(self) -> Point:
+        if self.di is not None:
+            if self.format is None:
+                raise ValueError("a DL/T 645 point (di) needs a format, e.g. 'XXXXXX.XX'")
+            if len(self.format.replace(".", "")) % 2:
+                raise ValueError("format must have an even number of digits (whole bytes)")
+            if self.table is not None or self.address is not None or self.type is not None:
+                raise ValueError("a DL/T 645 point (di) has no table, address or type")
+            return self
+        missing = [k for k in ("table", "address", "type") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"a Modbus point needs {', '.join(missing)} "
+                             "(or di and format for DL/T 645)")
+        assert self.table is not None and self.type is not None and self.address is not None
         if self.table.is_bit and self.type is not DataType.BOOL:
             raise ValueError(f"a {self.table.value} point must have type 'bool'")
         if not self.table.is_bit and self.type is DataType.BOOL:
-            raise ValueError(f"a {self.table.value} register point cannot have type 'bool'")
+            raise ValueError(f"a {self.table.value} register point cannot have type 'bool' "
+                             "(use an integer type with bit = N for a bit field)")
+        if self.bit is not None and self.type in (DataType.BOOL, DataType.FLOAT32,
+                                                  DataType.FLOAT64):
+            raise ValueError("bit applies to integer register types only")
+        if self.bit is not None and self.bit >= 16 * self.type.registers:
+            raise ValueError(f"bit {self.bit} is outside a {self.type.value}")
         if self.address + self.type.registers - 1 > 0xFFFF:
             raise ValueError("point runs past address 65535")
         return self
 
     @property
     def size(self) -> int:
+        """Registers (or bits) a Modbus point occupies."""
+        assert self.type is not None
         return self.type.registers
+
+    @property
+    def is_bool(self) -> bool:
+        return self.type is DataType.BOOL or self.bit is not None
+
+    @property
+    def dlt_bytes(self) -> int:
+        assert self.format is not None
+        return len(self.format.replace(".", "")) // 2
+
+    @property
+    def dlt_decimals(self) -> int:
+        assert self.format is not None
+        return len(self.format.split(".")[1]) if "." in self.format else 0
 
 
 class Profile(BaseModel):
@@ -88,6 +147,7 @@ class Profile(BaseModel):
     vendor: str
     model: str
     kind: Literal["meter", "relay", "load"]
+    protocol: Literal["modbus", "dlt645"] = "modbus"
     source: str = Field(min_length=1, description="where the register map comes from")
     max_gap: int = Field(default=8, ge=0, le=100,
                          description="unused registers a block read may bridge")
@@ -117,6 +177,15 @@ class Profile(BaseModel):
                 raise ValueError(f"point name {p.name!r} is used twice")
             seen.add(p.name)
         return points
+
+    @model_validator(mode="after")
+    def _points_match_protocol(self) -> Profile:
+        for i, p in enumerate(self.points):
+            if (p.di is not None) != (self.protocol == "dlt645"):
+                want = "di and format" if self.protocol == "dlt645" else "table, address, type"
+                raise ValueError(f"points[{i}] ({p.name}): a {self.protocol} profile's points "
+                                 f"have {want}")
+        return self
 
     def point(self, name: str) -> Point:
         for p in self.points:

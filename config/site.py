@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -33,10 +34,43 @@ class SimServer(_Strict):
     port: int = Field(default=5020, ge=0, le=65535)
 
 
+class Faults(_Strict):
+    """Field failures a simulated device shows; each rate is a probability per request."""
+
+    offline: bool = Field(default=False, description="vanished: never answers")
+    no_answer_rate: float = Field(default=0.0, ge=0, le=1, description="request times out")
+    exception_code: int | None = Field(default=None, ge=1, le=255,
+                                       description="answer Modbus requests with this exception")
+    exception_rate: float = Field(default=1.0, ge=0, le=1,
+                                  description="share of requests given exception_code")
+    crc_error_rate: float = Field(default=0.0, ge=0, le=1,
+                                  description="serial: answer with a bad CRC/checksum")
+    garbage_rate: float = Field(default=0.0, ge=0, le=1, description="answer with random bytes")
+    delay_s: float = Field(default=0.0, ge=0, le=60, description="slow device: answer this late")
+    drop_rate: float = Field(default=0.0, ge=0, le=1,
+                             description="TCP: close the connection instead of answering")
+
+
+class SimLine(_Strict):
+    """A serial line served on a pseudo-terminal; ``link`` names a symlink to its device."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    protocol: Literal["modbus-rtu", "dlt645"]
+    baud: int | None = None
+    parity: Literal["N", "E", "O"] | None = None
+    stop_bits: Literal[1, 2] = 1
+    byte_size: Literal[7, 8] = 8
+    link: Path | None = Field(default=None, description="make this path a symlink to the pty")
+
+
 class SimDevice(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     profile: str
-    device_id: int = Field(ge=1, le=247)
+    device_id: int = Field(default=1, ge=1, le=247, description="Modbus device id")
+    address: str | None = Field(default=None, pattern=r"^[0-9]{12}$",
+                                description="DL/T 645 meter address")
+    line: str | None = Field(default=None, description="serial line; default: the TCP server")
+    faults: Faults = Faults()
 
 
 class SimLoad(_Strict):
@@ -50,6 +84,7 @@ class SimLoad(_Strict):
 class SiteConfig(_Strict):
     site: SiteInfo = SiteInfo()
     server: SimServer = SimServer()
+    lines: list[SimLine] = []
     devices: list[SimDevice] = Field(min_length=1)
     loads: list[SimLoad] = []
 
@@ -58,15 +93,30 @@ class SiteConfig(_Strict):
         names = [d.name for d in self.devices]
         if len(set(names)) != len(names):
             raise ValueError("device names must be unique")
-        ids = [d.device_id for d in self.devices]
-        if len(set(ids)) != len(ids):
-            raise ValueError("device_id values must be unique on one server")
+        line_names = {ln.name: ln for ln in self.lines}
+        if len(line_names) != len(self.lines):
+            raise ValueError("line names must be unique")
+        for where in [None, *line_names]:
+            on = [d for d in self.devices if d.line == where]
+            dlt = where is not None and line_names[where].protocol == "dlt645"
+            ids = [d.address if dlt else d.device_id for d in on]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"two devices share an address on "
+                                 f"{'the TCP server' if where is None else where!r}")
         by_name = {d.name: d for d in self.devices}
         for i, d in enumerate(self.devices):
             try:
-                load_profile(d.profile)
+                prof = load_profile(d.profile)
             except KeyError as exc:
                 raise ValueError(f"devices[{i}].profile: {exc.args[0]}") from None
+            if d.line is not None and d.line not in line_names:
+                raise ValueError(f"devices[{i}].line: no line named {d.line!r}")
+            on_dlt = d.line is not None and line_names[d.line].protocol == "dlt645"
+            if on_dlt != (prof.protocol == "dlt645"):
+                raise ValueError(f"devices[{i}]: profile {prof.id!r} ({prof.protocol}) does not "
+                                 "match where the device is served")
+            if on_dlt and d.address is None:
+                raise ValueError(f"devices[{i}].address: a DL/T 645 meter needs an address")
         used: set[str] = set()
         for i, load in enumerate(self.loads):
             dev_name, point = load.relay.split(".", 1)
