@@ -33,22 +33,12 @@ from lmt.drivers.modbus_tcp import ModbusDevice, ModbusTcpBus
 
 from . import lmt_version
 from .buffer import STREAMS, Buffer, Record
+from .health import DeviceHealth, HealthPolicy
 from .messages import CancelCommand, CapCommand, Command, ShedCommand, Status
 from .mqtt import MqttLink, Topics
 from .security import Refusal, load_public_key, verify_command
 
 log = logging.getLogger("lmt.agent")
-
-
-@dataclass
-class DeviceHealth:
-    online: bool = True
-    failures: int = 0
-    next_retry: float = 0.0  # monotonic
-    last_error: str = ""
-
-    def backoff_s(self) -> float:
-        return min(30.0, 0.5 * 2 ** min(self.failures, 8))
 
 
 @dataclass
@@ -86,7 +76,8 @@ class Agent:
                                    ModbusTcpBus(d.host, d.port, cfg.poll.timeout_s))
             self.devices[d.name] = ModbusDevice(d.name, bus, d.device_id, load_profile(d.profile))
         self.buses = list(buses.values())
-        self.health = {name: DeviceHealth() for name in self.devices}
+        self.health = {name: DeviceHealth(self._policy(d.offline_after_s)) for name, d in
+                       zip(self.devices, cfg.devices, strict=True)}
         self.latest: dict[str, tuple[float, dict[str, float | bool | None]]] = {}
         meter = self.devices[cfg.control.main_meter].profile.point(cfg.control.power_point)
         self._power_to_kw = 0.001 if meter.unit == "W" else 1.0
@@ -108,6 +99,14 @@ class Agent:
         self.wake = asyncio.Event()
         self.sync_wake = asyncio.Event()
         self.link: MqttLink | None = None
+
+    def _policy(self, offline_after_s: float | None) -> HealthPolicy:
+        p = self.cfg.poll
+        return HealthPolicy(timeout_s=p.timeout_s, min_timeout_s=p.min_timeout_s,
+                            max_timeout_s=p.max_timeout_s,
+                            offline_after_s=p.offline_after_s if offline_after_s is None
+                            else offline_after_s,
+                            retry_interval_s=p.interval_s, backoff_max_s=p.backoff_max_s)
 
     # -- records ------------------------------------------------------------------------------
     def _append(self, stream: str, bodies: list[dict[str, Any]]) -> list[Record]:
@@ -143,28 +142,24 @@ class Agent:
         fresh: set[str] = set()
         for name, dev in self.devices.items():
             h = self.health[name]
-            if not h.online and self.mono() < h.next_retry:
+            if not h.due(self.mono()):
                 continue
-            ts = self.clock()
+            ts, t0 = self.clock(), self.mono()
             try:
-                values = await asyncio.wait_for(dev.read_points(),
-                                                self.cfg.poll.timeout_s * 3)
+                values = await asyncio.wait_for(dev.read_points(), h.timeout_s)
             except (DriverError, TimeoutError) as exc:
-                h.failures += 1
-                h.last_error = str(exc) or type(exc).__name__
-                backoff = h.backoff_s()
-                if self.active is not None and name == self.cfg.control.main_meter:
-                    backoff = self.cfg.poll.interval_s  # control is blind without it
-                h.next_retry = self.mono() + backoff
-                if h.online:
-                    h.online = False
-                    log.warning("device %s offline: %s", name, h.last_error)
-                    self.event("device_offline", device=name, error=h.last_error)
+                if isinstance(exc, TimeoutError):
+                    dev.bus.close()  # drop the half-finished transaction
+                error = str(exc) or f"no answer within {h.timeout_s:.2f} s"
+                urgent = self.active is not None and name == self.cfg.control.main_meter
+                if h.failure(self.mono(), error, urgent=urgent):
+                    log.warning("device %s offline: %s", name, error)
+                    self.event("device_offline", device=name, error=error,
+                               failing_s=round(self.mono() - (h.failing_since or t0), 3))
                 continue
-            if not h.online:
+            if h.success(self.mono(), self.mono() - t0):
                 log.info("device %s back online", name)
-                self.event("device_online", device=name, after_failures=h.failures)
-            h.online, h.failures = True, 0
+                self.event("device_online", device=name)
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                      for k, v in values.items()}
             self.latest[name] = (self.mono(), clean)
@@ -368,6 +363,7 @@ class Agent:
         if old is not None:
             # The new command takes over the loads the old one shed.
             self._finish(old, "superseded", f"by {cmd.id}", self.site_kw())
+        self.health[self.cfg.control.main_meter].next_attempt = mono  # control needs it now
         self.result(cmd.id, "accepted", detail=detail, cap_kw=round(cap, 3),
                     end_at=round(now + duration, 3))
         self.active = ActiveControl(cmd.id, cmd.type, cap, mono + duration)

@@ -85,6 +85,7 @@ class Poll(_Strict):
     timeout_s: float = Field(default=1.0, gt=0,
                              description="response timeout before a device's latency is known")
     min_timeout_s: float = Field(default=0.2, gt=0, description="adaptive timeout floor")
+    max_timeout_s: float = Field(default=5.0, gt=0, description="adaptive timeout ceiling")
     offline_after_s: float = Field(default=10.0, ge=0,
                                    description="failing this long marks a device offline")
     backoff_max_s: float = Field(default=60.0, gt=0, description="longest retry interval")

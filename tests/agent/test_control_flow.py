@@ -127,7 +127,7 @@ def test_supersede_keeps_what_is_needed(tmp_path: Path, site: int, broker: Broke
 
 def test_a_failing_relay_is_passed_over(tmp_path: Path, site: int, broker: Broker) -> None:
     dead = free_port()  # a second relay module that does not answer
-    rig = Rig(tmp_path, site, broker)
+    rig = Rig(tmp_path, site, broker, poll={"offline_after_s": 0.5})
     cfg = tomllib.loads(rig.cfg_path.read_text())
     cfg["devices"].append({"name": "relays-b", "profile": "generic-relay-8",
                            "host": "127.0.0.1", "port": dead, "device_id": 1})
