@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PREFIX = "lmt/v1"
 
@@ -175,6 +176,120 @@ def cmd_platform(args: argparse.Namespace) -> int:
     return 2
 
 
+# -- field tools -----------------------------------------------------------------------------
+def _target(args: argparse.Namespace) -> Any:
+    from .fieldtools import Target
+
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":") if ":" in args.tcp else (args.tcp, "", "502")
+        if not port.isdigit():
+            raise ValueError(f"--tcp expects HOST[:PORT], got {args.tcp!r}")
+        return Target(tcp=(host, int(port)), timeout_s=args.timeout)
+    port = args.serial or args.dlt645
+    return Target(serial=port, protocol="dlt645" if args.dlt645 else "modbus", baud=args.baud,
+                  parity=args.parity, stop_bits=args.stop_bits, byte_size=args.byte_size,
+                  timeout_s=args.timeout)
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    from lmt.config.profiles import load_profile
+    from lmt.drivers.errors import DriverError
+
+    from . import fieldtools as ft
+
+    try:
+        target = _target(args)
+        if target.protocol == "dlt645":
+            return _read_dlt645(args, target)
+        if not args.raw and not args.profile:
+            raise ValueError("give --profile (decoded points) or --raw TABLE:ADDRESS[:COUNT]")
+        raw = ft.RawRequest.parse(args.raw) if args.raw else None
+        profile = load_profile(args.profile) if args.profile else None
+        if profile is not None and profile.protocol != "modbus":
+            raise ValueError(f"profile {profile.id!r} is {profile.protocol}; use --dlt645")
+        for name in args.points:
+            if profile is None or not profile.has_point(name):
+                raise ValueError(f"profile {args.profile!r} has no point {name!r}")
+    except (ValueError, KeyError) as exc:
+        print(f"lmt read: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+
+    async def go() -> Any:
+        bus = ft.make_modbus_bus(target)
+        try:
+            if raw is not None:
+                return await ft.read_raw(bus, args.device_id, raw)
+            assert profile is not None
+            return await ft.read_points(bus, args.device_id, profile, args.points)
+        finally:
+            bus.close()
+
+    try:
+        got = ft.run(go())
+    except DriverError as exc:
+        print(f"lmt read: {target.describe()}: {exc}", file=sys.stderr)
+        return 1
+    if raw is not None:
+        if args.json:
+            ft.dump_json({"table": raw.table.value, "address": raw.address, "values": got})
+        else:
+            for i, v in enumerate(got):
+                shown = ("on" if v else "off") if isinstance(v, bool) else f"{v:5d}  0x{v:04X}"
+                print(f"{raw.table.value} {raw.address + i:5d}  {shown}")
+        return 0
+    assert profile is not None
+    if args.json:
+        ft.dump_json({"device_id": args.device_id, "profile": profile.id, "values": got})
+    else:
+        for name, v in got.items():
+            print(f"{name:24s} {ft.format_value(v, profile.point(name).unit)}")
+    return 0
+
+
+def _read_dlt645(args: argparse.Namespace, target: Any) -> int:
+    from . import fieldtools as ft
+
+    return ft.read_dlt645_cli(args, target)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from lmt.drivers.errors import DriverError
+
+    from . import fieldtools as ft
+
+    try:
+        target = _target(args)
+        ids = ft.parse_ids(args.ids)
+    except ValueError as exc:
+        print(f"lmt scan: {exc}", file=sys.stderr)
+        return 2
+    if target.protocol == "dlt645":
+        return ft.scan_dlt645_cli(args, target)
+
+    async def go() -> list[Any]:
+        bus = ft.make_modbus_bus(target)
+        try:
+            return await ft.scan_modbus(bus, ids, ft.Progress(), identify=not args.no_identify)
+        finally:
+            bus.close()
+
+    try:
+        found = ft.run(go())
+    except DriverError as exc:
+        print(f"lmt scan: {target.describe()}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        ft.dump_json({"target": target.describe(), "found": [
+            {"device_id": f.device_id, "answered": f.answered, "profile": f.profile}
+            for f in found]})
+        return 0
+    print(f"{target.describe()}: {len(found)} device(s) answered")
+    for f in found:
+        hint = f"  suggested profile: {f.profile}" if f.profile else "  no profile matches"
+        print(f"  id {f.device_id:3d}  ({f.answered}){hint}")
+    return 0
+
+
 # -- misc ------------------------------------------------------------------------------------
 def cmd_schemas(args: argparse.Namespace) -> int:
     from .schemas import check_schemas, write_schemas
@@ -287,6 +402,43 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--count", type=int, help="stop after this many records")
     pl.set_defaults(func=cmd_platform)
 
+    def add_target(sp: argparse.ArgumentParser) -> None:
+        where = sp.add_mutually_exclusive_group(required=True)
+        where.add_argument("--tcp", metavar="HOST[:PORT]", help="Modbus TCP (port 502)")
+        where.add_argument("--serial", metavar="PORT", help="Modbus RTU on a serial port")
+        where.add_argument("--dlt645", metavar="PORT", help="DL/T 645-2007 on a serial port")
+        sp.add_argument("--baud", type=int, help="default 9600 (RTU), 2400 (DL/T 645)")
+        sp.add_argument("--parity", choices=["N", "E", "O"], help="default N (RTU), E (DL/T 645)")
+        sp.add_argument("--stop-bits", type=int, choices=[1, 2], default=1)
+        sp.add_argument("--byte-size", type=int, choices=[7, 8], default=8)
+        sp.add_argument("--timeout", type=float, default=1.0, metavar="S",
+                        help="response timeout (default 1 s)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rd = sub.add_parser("read", help="read a device once: named points or raw registers",
+                        description="Read a device once. Modbus: --profile ID [POINT ...] decodes "
+                        "points as the profile says; --raw TABLE:ADDRESS[:COUNT] (tables: coil, "
+                        "discrete, holding, input; 0-based addresses) shows registers. "
+                        "DL/T 645: --address METER --di DI [--format XXXXXX.XX], or --profile.")
+    add_target(rd)
+    rd.add_argument("--device-id", type=int, default=1, help="Modbus device id (default 1)")
+    rd.add_argument("--address", help="DL/T 645 meter address (12 digits)")
+    rd.add_argument("--profile", help="profile id, e.g. eastron-sdm630")
+    rd.add_argument("--raw", metavar="TABLE:ADDRESS[:COUNT]", help="raw Modbus registers")
+    rd.add_argument("--di", help="DL/T 645 data identifier, 8 hex digits, e.g. 02030000")
+    rd.add_argument("--format", default=None, help="DL/T 645 BCD format, e.g. XX.XXXX")
+    rd.add_argument("points", nargs="*", help="point names (default: all of the profile's)")
+    rd.set_defaults(func=cmd_read)
+
+    scn = sub.add_parser("scan", help="find the devices on a line and suggest profiles",
+                         description="Modbus: probe device ids (any answer, even an exception, "
+                         "means a device) and suggest the profile whose points read and look "
+                         "real. DL/T 645: find the meters' addresses.")
+    add_target(scn)
+    scn.add_argument("--ids", default="1-247", help="Modbus ids to probe, e.g. 1-10,20")
+    scn.add_argument("--no-identify", action="store_true", help="do not suggest profiles")
+    scn.set_defaults(func=cmd_scan)
+
     d = sub.add_parser("demo", help="run the whole path on a simulated site and explain it",
                        description="Start a simulated site, a local mosquitto, the agent and the "
                        "platform console; send one signed cap command; show the site's power "
@@ -309,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we report errors ourselves
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
