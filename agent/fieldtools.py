@@ -173,7 +173,9 @@ async def suggest_profile(bus: Any, device_id: int, kinds: tuple[str, ...] = ("m
             values = await read_points(bus, device_id, prof, None)
         except DriverError:
             continue
-        score = 1.0 + plausibility(values)
+        # Plausible values first; then the profile that reads the most points (a meter that
+        # answers a three-phase map is not the single-phase model whose map is a subset).
+        score = round(plausibility(values), 3) * 1000 + len(values)
         if score > best[1]:
             best = (pid, score, values)
     return best
@@ -233,3 +235,134 @@ def run(coro: Any) -> Any:
 
 def dump_json(obj: Any, stream: TextIO = sys.stdout) -> None:
     print(json.dumps(obj, default=str), file=stream)
+
+
+# -- DL/T 645 --------------------------------------------------------------------------------
+DLT645_PROFILE = "dlt645-2007-3phase"
+PROBE_DI = "04000401"  # communication address: any reply (even "no data") names the meter
+
+
+def make_serial_line(t: Target) -> Any:
+    from lmt.drivers.serial_line import SerialLine
+
+    return SerialLine(t.serial or "", baud_rate=t.baud_rate, parity=t.parity_bit,  # type: ignore[arg-type]
+                      stop_bits=t.stop_bits, byte_size=t.byte_size, timeout_s=t.timeout_s)
+
+
+async def dlt645_probe(line: Any, pattern: str, timeout_s: float) -> tuple[str, str | None]:
+    """Ask every meter whose address matches ``pattern`` (AA bytes are wildcards).
+
+    Returns ("none", None) for silence, ("one", address) for one clean reply, or
+    ("collision", None) when answers overlapped into a broken frame.
+    """
+    from lmt.drivers import dlt645
+
+    try:
+        raw = await line.transact(dlt645.read_request(pattern, PROBE_DI), dlt645.frame_length,
+                                  timeout_s)
+        frame = dlt645.decode_frame(raw)
+    except (dlt645.FrameError, dlt645.Dlt645FrameError):
+        return "collision", None
+    except DeviceUnavailable as exc:
+        if "no answer within" in str(exc):
+            return "none", None
+        if "no complete answer" in str(exc) or "checksum" in str(exc):
+            return "collision", None  # overlapping answers make noise or a cut-off frame
+        raise  # the port itself failed: say so
+    return "one", frame.address
+
+
+async def scan_dlt645(line: Any, progress: Callable[[int, int, str], None], timeout_s: float
+                      ) -> list[str]:
+    """Find every meter on a line by abbreviated addressing: fix the address from its low byte
+    up (AA bytes above it are wildcards) and go one byte deeper wherever answers collide."""
+    found: list[str] = []
+    todo = [""]  # known low digits of addresses that still collide
+    done = 0
+    while todo:
+        suffix = todo.pop(0)
+        wild = "AA" * (6 - len(suffix) // 2 - 1)
+        for b in range(100):
+            pattern = f"{wild}{b:02d}{suffix}"
+            kind, addr = await dlt645_probe(line, pattern, timeout_s)
+            done += 1
+            progress(done, done + 99 - b + 100 * len(todo), f"{pattern}: {kind}")
+            if kind == "one" and addr is not None and addr not in found:
+                found.append(addr)
+            elif kind == "collision" and len(suffix) < 10:
+                todo.append(f"{b:02d}{suffix}")
+    progress(done, done, "done")
+    return sorted(found)
+
+
+def read_dlt645_cli(args: Any, t: Target) -> int:
+    from lmt.drivers.dlt645 import Dlt645Meter
+
+    if not args.address or len(args.address) != 12 or not args.address.isdigit():
+        print("lmt read: --dlt645 needs --address with the meter's 12-digit address "
+              "(find it with `lmt scan --dlt645 PORT`)", file=sys.stderr)
+        return 2
+    if args.di:
+        from lmt.config.profiles import Point
+
+        try:
+            point = Point(name="value", di=args.di, format=args.format or "XXXXXX.XX")
+        except ValueError as exc:
+            print(f"lmt read: --di/--format: {exc}", file=sys.stderr)
+            return 2
+        profile = Profile(id="adhoc", vendor="-", model="-", kind="meter", protocol="dlt645",
+                          source="command line", points=(point,))
+        names: list[str] | None = None
+    else:
+        profile = load_profile(args.profile or DLT645_PROFILE)
+        if profile.protocol != "dlt645":
+            print(f"lmt read: profile {profile.id!r} is not a DL/T 645 profile", file=sys.stderr)
+            return 2
+        names = list(args.points) or None
+        for n in names or []:
+            if not profile.has_point(n):
+                print(f"lmt read: profile {profile.id!r} has no point {n!r}", file=sys.stderr)
+                return 2
+
+    async def go() -> dict[str, Any]:
+        line = make_serial_line(t)
+        try:
+            meter = Dlt645Meter(args.address, line, args.address, profile, timeout_s=t.timeout_s)
+            return await meter.read_points(names)
+        finally:
+            line.close()
+
+    try:
+        got = run(go())
+    except DriverError as exc:
+        print(f"lmt read: {t.describe()}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        dump_json({"address": args.address, "profile": profile.id, "values": got})
+    else:
+        for name, v in got.items():
+            print(f"{name:24s} {format_value(v, profile.point(name).unit)}")
+    return 0
+
+
+def scan_dlt645_cli(args: Any, t: Target) -> int:
+    async def go() -> list[str]:
+        line = make_serial_line(t)
+        try:
+            return await scan_dlt645(line, Progress(), t.timeout_s)
+        finally:
+            line.close()
+
+    try:
+        found = run(go())
+    except DriverError as exc:
+        print(f"lmt scan: {t.describe()}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        dump_json({"target": t.describe(), "found": [
+            {"address": a, "profile": DLT645_PROFILE} for a in found]})
+        return 0
+    print(f"{t.describe()}: {len(found)} meter(s) answered")
+    for a in found:
+        print(f"  address {a}  suggested profile: {DLT645_PROFILE}")
+    return 0
