@@ -1,12 +1,23 @@
 """Register encoding and decoding for profile points.
 
-Modbus registers are big-endian 16-bit words. A multi-register value is either high word
-first (``word_order = "big"``, the Modbus convention) or low word first (``"little"``).
-A point's engineering value is ``raw * multiplier``.
+Modbus registers are 16-bit words sent big-endian (high byte first). A point's raw value is
+laid out over ``point.size`` registers:
+
+* ``word_order = "big"`` (the Modbus convention): the most significant word first;
+  ``"little"``: the least significant word first (Carlo Gavazzi's "LSW first", "CDAB").
+* ``byte_order = "big"`` (the convention): each register high byte first; ``"little"``: the two
+  bytes of every register swapped ("BADC"; with little word order too, "DCBA").
+
+A point's engineering value is ``raw * multiplier + offset``. A bit field (``bit = k``) decodes
+to ``bool`` (bit ``k`` of the unsigned pattern). A raw value listed in ``invalid`` decodes to
+``None`` (the device says "not available"), and so does a NaN float. A sentinel matches when it
+equals the raw value as typed (``-1`` for an int16 ``0xFFFF``) or the registers' unsigned bit
+pattern (``0xFFFF``), so a profile can write it either way.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 
 from lmt.config.profiles import DataType, Point
@@ -21,29 +32,108 @@ _FORMATS: dict[DataType, str] = {
     DataType.FLOAT32: "f",
     DataType.FLOAT64: "d",
 }
+_UNSIGNED: dict[int, str] = {1: "H", 2: "I", 4: "Q"}  # registers -> unsigned format
 
 
-def decode_registers(registers: list[int] | tuple[int, ...], point: Point) -> float:
-    """Decode ``point.size`` registers into the point's engineering value."""
-    n = point.size
-    if len(registers) != n:
-        raise ValueError(f"{point.name}: expected {n} registers, got {len(registers)}")
+def _check_register_point(point: Point) -> DataType:
+    if point.type is None or point.type is DataType.BOOL:
+        raise ValueError(f"{point.name}: not a register point")
+    return point.type
+
+
+def _wire_bytes(registers: list[int] | tuple[int, ...], point: Point) -> bytes:
+    """The value's bytes, most significant first, from registers as they came off the wire."""
     words = list(registers)
+    if any(not 0 <= w <= 0xFFFF for w in words):
+        raise ValueError(f"{point.name}: register value out of range 0..65535: {words}")
     if point.word_order == "little":
         words.reverse()
-    raw = struct.unpack(">" + _FORMATS[point.type], struct.pack(f">{n}H", *words))[0]
-    if point.multiplier == 1.0:
-        return float(raw)
-    return raw * point.multiplier
+    data = struct.pack(f">{len(words)}H", *words)
+    if point.byte_order == "little":
+        data = b"".join(data[i + 1:i + 2] + data[i:i + 1] for i in range(0, len(data), 2))
+    return data
 
 
-def encode_value(value: float, point: Point) -> list[int]:
-    """Encode an engineering value into registers (the inverse of :func:`decode_registers`)."""
-    raw: float | int = value / point.multiplier if point.multiplier != 1.0 else value
-    if point.type not in (DataType.FLOAT32, DataType.FLOAT64):
-        raw = round(raw)
-    n = point.size
-    words = list(struct.unpack(f">{n}H", struct.pack(">" + _FORMATS[point.type], raw)))
+def _registers(data: bytes, point: Point) -> list[int]:
+    """Registers for the wire from the value's bytes (the inverse of :func:`_wire_bytes`)."""
+    if point.byte_order == "little":
+        data = b"".join(data[i + 1:i + 2] + data[i:i + 1] for i in range(0, len(data), 2))
+    words = list(struct.unpack(f">{len(data) // 2}H", data))
     if point.word_order == "little":
         words.reverse()
     return words
+
+
+def _is_sentinel(pattern: int, point: Point) -> bool:
+    """Whether the registers' unsigned bit pattern is a declared sentinel.
+
+    A sentinel may be written as the pattern (``0xFFFF``) or as the typed value (``-1`` for an
+    int16): reduced modulo 2^bits both are the same pattern.
+    """
+    width = 1 << (16 * point.size)
+    return any(pattern == s % width for s in point.invalid)
+
+
+def decode_registers(registers: list[int] | tuple[int, ...], point: Point) -> float | bool | None:
+    """Decode ``point.size`` registers into the point's engineering value.
+
+    Returns ``None`` for a declared ``invalid`` sentinel or a NaN float, ``bool`` for a bit
+    field, else ``raw * multiplier + offset`` as a float.
+    """
+    dtype = _check_register_point(point)
+    n = point.size
+    if len(registers) != n:
+        raise ValueError(f"{point.name}: expected {n} registers, got {len(registers)}")
+    data = _wire_bytes(registers, point)
+    raw = struct.unpack(">" + _FORMATS[dtype], data)[0]
+    pattern = struct.unpack(">" + _UNSIGNED[n], data)[0]
+    if point.invalid and _is_sentinel(pattern, point):
+        return None
+    if isinstance(raw, float) and math.isnan(raw):
+        return None
+    if point.bit is not None:
+        return bool((pattern >> point.bit) & 1)
+    if point.multiplier == 1.0 and point.offset == 0.0:
+        return float(raw)
+    return raw * point.multiplier + point.offset
+
+
+def encode_value(value: float | bool | None, point: Point,
+                 registers: list[int] | tuple[int, ...] | None = None) -> list[int]:
+    """Encode an engineering value into registers (the inverse of :func:`decode_registers`).
+
+    ``raw = (value - offset) / multiplier``, rounded for integer types; a value outside the
+    type's range raises ``ValueError`` (a driver must not write a wrapped setpoint). ``None`` or
+    NaN encodes the point's first ``invalid`` sentinel (NaN for a float point without one). For
+    a bit field, ``registers`` are the current contents (default zeros): bit ``point.bit`` is
+    set or cleared and every other bit kept, for a read-modify-write.
+    """
+    dtype = _check_register_point(point)
+    n = point.size
+    fmt = ">" + _FORMATS[dtype]
+    unavailable = value is None or (isinstance(value, float) and math.isnan(value))
+    if unavailable:
+        if point.invalid:
+            pattern = point.invalid[0] % (1 << (16 * n))
+            return _registers(struct.pack(">" + _UNSIGNED[n], pattern), point)
+        if dtype in (DataType.FLOAT32, DataType.FLOAT64):
+            return _registers(struct.pack(fmt, math.nan), point)
+        raise ValueError(f"{point.name}: no value to encode and no invalid sentinel declared")
+    if point.bit is not None:
+        current = [0] * n if registers is None else list(registers)
+        pattern = struct.unpack(">" + _UNSIGNED[n], _wire_bytes(current, point))[0]
+        mask = 1 << point.bit
+        pattern = (pattern | mask) if value else (pattern & ~mask)
+        return _registers(struct.pack(">" + _UNSIGNED[n], pattern), point)
+    raw: float | int
+    if isinstance(value, int) and point.multiplier == 1.0 and point.offset == 0.0:
+        raw = value  # exact: a 64-bit integer does not survive a trip through float
+    else:
+        raw = (float(value) - point.offset) / point.multiplier
+    try:
+        if dtype not in (DataType.FLOAT32, DataType.FLOAT64):
+            raw = round(raw)
+        data = struct.pack(fmt, raw)
+    except (struct.error, OverflowError) as exc:
+        raise ValueError(f"{point.name}: {value} does not fit a {dtype.value}") from exc
+    return _registers(data, point)

@@ -1,4 +1,4 @@
-"""Serve a simulated site over Modbus TCP: one server, one device id per configured device.
+"""Serve a simulated site: one Modbus TCP server, and a pseudo-terminal per Modbus RTU line.
 
 Each device's register map comes from its profile. Coils, discrete inputs, holding and input
 registers are separate address spaces (pymodbus's four-block ``SimDevice`` form). An address
@@ -8,43 +8,53 @@ so the device answers it, with zeros); anything else answers exception 02 ILLEGA
 
 Meter values are computed by :class:`~lmt.firmware_sim.physics.SitePhysics` at the moment of
 each read, in the device's access hook, so a read that follows a relay write already sees the
-load switched. A write to a relay coil switches its load.
+load switched. A write to a relay coil switches its load, over TCP as over RTU; a write to a
+writable register point the model knows (an EV charger's ``ev_setpoint_a``) reaches the model.
+
+TCP and RTU share one request path (:meth:`SimulatedSite.handle_request`): the device's fault
+injector decides what the request gets (:mod:`~lmt.firmware_sim.faults`); a request to be
+answered is decoded with pymodbus's request classes and executed on the device's datastore
+(pymodbus ``SimDevice`` + our access hook); the transport frames the answer. The TCP server
+and the RTU line loop (:mod:`~lmt.firmware_sim.rtu`) are ours, not pymodbus's servers, so that
+faults can be injected per device and per request. Devices on DL/T 645 lines are not served
+here (see ``SimulatedSite.dlt645_devices``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from pymodbus.constants import ExcCodes
-from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.datastore import ModbusServerContext
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.bit_message import (
     ReadCoilsRequest,
     ReadDiscreteInputsRequest,
     WriteSingleCoilRequest,
 )
-from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+from pymodbus.simulator.simcore import SimCore
 
 from lmt.config.profiles import Point, Profile, Table, load_profile
+from lmt.config.site import Faults, SimLoad, SiteConfig, load_site
 from lmt.config.site import SimDevice as DeviceConfig
-from lmt.config.site import SimLoad, SiteConfig, load_site
 
-from .encoding import encode
+from .encoding import decode, encode
+from .faults import FaultInjector, Outcome, Reply
 from .physics import SitePhysics, is_known, lookup
-
-if TYPE_CHECKING:
-    from pymodbus.datastore import ModbusServerContext
+from .rtu import RtuLineServer
 
 _log = logging.getLogger(__name__)
 
@@ -108,13 +118,17 @@ def _spans(points: Iterable[Point], max_gap: int) -> tuple[set[int], list[tuple[
 
 
 class _Device:
-    """One configured device: its register map, its SimDevice and its access hook."""
+    """One configured Modbus device: its register map, SimDevice, access hook and faults."""
 
-    def __init__(self, site: SimulatedSite, config: DeviceConfig, profile: Profile) -> None:
+    def __init__(self, site: SimulatedSite, config: DeviceConfig, profile: Profile,
+                 faults: FaultInjector) -> None:
         self.site = site
+        self.config = config
         self.name = config.name
         self.device_id = config.device_id
+        self.line = config.line
         self.profile = profile
+        self.faults = faults
         self.points: dict[Table, list[Point]] = {t: [] for t in _TABLES}
         for p in profile.points:
             self.points[p.table].append(p)
@@ -193,6 +207,9 @@ class _Device:
             if table is Table.COIL:
                 return self._write_coils(start_address, address, registers,
                                          [bool(v) for v in set_values])
+            if table is Table.HOLDING:
+                self._write_registers(start_address, address, registers,
+                                      [int(v) for v in set_values])
             return None
         if not table.is_bit and self.live[table]:
             quantities = self.site.physics.sample(self.site.clock())
@@ -200,6 +217,21 @@ class _Device:
                 i = p.address - start_address
                 registers[i:i + p.size] = encode(lookup(quantities, p.name), p)
         return None
+
+    def _write_registers(self, start_address: int, address: int, registers: list[int],
+                         values: list[int]) -> None:
+        """Tell the model the new value of every writable point the write touches (the hook
+        runs before pymodbus stores ``values``: the point's words are taken with them laid over)."""
+        end = address + len(values)
+        t = self.site.clock()
+        for p in self.points[Table.HOLDING]:
+            if not p.writable or p.address >= end or p.address + p.size <= address:
+                continue
+            words = list(registers[p.address - start_address: p.address - start_address + p.size])
+            for i in range(p.size):
+                if address <= p.address + i < end:
+                    words[i] = values[p.address + i - address]
+            self.site.physics.write_point(p.name, decode(words, p), t)
 
     def _write_coils(self, start_word: int, address: int, registers: list[int],
                      values: list[bool]) -> ExcCodes | None:
@@ -215,73 +247,100 @@ class _Device:
         return None
 
 
-async def _unknown_device(function_code: int, start_address: int, address: int, count: int,
-                          registers: list[int], set_values: list[int] | list[bool] | None,
-                          ) -> ExcCodes | None:
-    """Access hook of the catch-all device: a gateway's answer for an absent device id."""
-    return ExcCodes.GATEWAY_NO_RESPONSE
+class _BusCore(SimCore):
+    """The datastore of one bus (the TCP server or one RTU line): its devices by device id."""
+
+    def __init__(self, devices: list[_Device]) -> None:
+        super().__init__([d.simdevice() for d in devices])
+        self.by_id = {d.device_id: d for d in devices}
+
+    def bits_answer(self, device_id: int, table: Table, address: int, count: int) -> bool:
+        device = self.by_id.get(device_id)
+        return device is not None and device.bits_answer(table, address, count)
 
 
-def _catch_all_device() -> SimDevice:
-    """Device id 0 = every id not configured; each access answers 0B (no response)."""
-    bits = [SimData(address=0, values=[0] * 4096, datatype=DataType.BITS)]
-    regs = [SimData(address=0, count=65536, values=0, datatype=DataType.REGISTERS)]
-    return SimDevice(id=0, simdata=(bits, list(bits), regs, list(regs)), action=_unknown_device)
+class _ReadCoils(ReadCoilsRequest):
+    """pymodbus checks bit addresses per 16-bit word: check each bit of the request here."""
+
+    async def datastore_update(self, context: ModbusServerContext, device_id: int) -> ModbusPDU:
+        if isinstance(context, _BusCore) and not context.bits_answer(device_id, Table.COIL,
+                                                                     self.address, self.count):
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_ADDRESS)
+        return await super().datastore_update(context, device_id)
 
 
-def _request_classes(site: SimulatedSite) -> list[type[ModbusPDU]]:
-    """Request decoders that make this server stricter than pymodbus's defaults.
+class _ReadDiscreteInputs(ReadDiscreteInputsRequest):
+    async def datastore_update(self, context: ModbusServerContext, device_id: int) -> ModbusPDU:
+        if isinstance(context, _BusCore) and not context.bits_answer(device_id, Table.DISCRETE,
+                                                                     self.address, self.count):
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_ADDRESS)
+        return await super().datastore_update(context, device_id)
 
-    pymodbus checks bit addresses per 16-bit word and passes the hook a word count, so bit
-    reads are checked here; and a write-coil value other than FF00/0000 answers 03.
-    """
 
-    class _ReadCoils(ReadCoilsRequest):
-        async def datastore_update(self, context: ModbusServerContext, device_id: int,
-                                   ) -> ModbusPDU:
-            if not site._bits_answer(device_id, Table.COIL, self.address, self.count):
-                return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_ADDRESS)
-            return await super().datastore_update(context, device_id)
+class _WriteSingleCoil(WriteSingleCoilRequest):
+    """A write-coil value other than FF00/0000 answers 03 (pymodbus takes any non-zero as on)."""
 
-    class _ReadDiscreteInputs(ReadDiscreteInputsRequest):
-        async def datastore_update(self, context: ModbusServerContext, device_id: int,
-                                   ) -> ModbusPDU:
-            if not site._bits_answer(device_id, Table.DISCRETE, self.address, self.count):
-                return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_ADDRESS)
-            return await super().datastore_update(context, device_id)
+    raw_value: int = _COIL_ON
 
-    class _WriteSingleCoil(WriteSingleCoilRequest):
-        raw_value: int = _COIL_ON
+    def decode(self, data: bytes) -> None:
+        super().decode(data)
+        self.raw_value = struct.unpack(">H", data[2:4])[0]
 
-        def decode(self, data: bytes) -> None:
-            super().decode(data)
-            self.raw_value = struct.unpack(">H", data[2:4])[0]
+    async def datastore_update(self, context: ModbusServerContext, device_id: int) -> ModbusPDU:
+        if self.raw_value not in (_COIL_ON, _COIL_OFF):
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_VALUE)
+        return await super().datastore_update(context, device_id)
 
-        async def datastore_update(self, context: ModbusServerContext, device_id: int,
-                                   ) -> ModbusPDU:
-            if self.raw_value not in (_COIL_ON, _COIL_OFF):
-                return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_VALUE)
-            return await super().datastore_update(context, device_id)
 
-    return [_ReadCoils, _ReadDiscreteInputs, _WriteSingleCoil]
+def _request_decoder() -> DecodePDU:
+    decoder = DecodePDU(True)
+    for cls in (_ReadCoils, _ReadDiscreteInputs, _WriteSingleCoil):
+        decoder.register(cls)
+    return decoder
+
+
+def _exception(function: int, code: int) -> bytes:
+    return bytes([(function | 0x80) & 0xFF, code & 0xFF])
 
 
 class SimulatedSite:
-    """A :class:`~lmt.config.site.SiteConfig` served over one Modbus TCP server."""
+    """A :class:`~lmt.config.site.SiteConfig` served over Modbus TCP and Modbus RTU lines.
+
+    ``wire_time``: RTU lines answer at the pace of their baud rate (see
+    :mod:`~lmt.firmware_sim.rtu`); False answers as fast as possible.
+    """
 
     def __init__(self, config: SiteConfig, host: str | None = None, port: int | None = None,
-                 clock: Clock = time.time) -> None:
+                 clock: Clock = time.time, wire_time: bool = True) -> None:
         self.config = config
         self.host = config.server.host if host is None else host
         self.port = config.server.port if port is None else port
         self.clock = clock
         self.physics = SitePhysics(config)
-        self.devices = [_Device(self, d, load_profile(d.profile)) for d in config.devices]
-        self._by_id = {d.device_id: d for d in self.devices}
+        protocol = {ln.name: ln.protocol for ln in config.lines}
+        #: Fault injectors of every device (DL/T 645 meters included), by device name.
+        self.injectors: dict[str, FaultInjector] = {
+            d.name: FaultInjector(d.faults, f"{config.site.seed}:{d.name}") for d in config.devices}
+        #: Devices on DL/T 645 lines: not served by this module.
+        self.dlt645_devices: list[DeviceConfig] = [
+            d for d in config.devices if d.line is not None and protocol[d.line] == "dlt645"]
+        self.devices = [_Device(self, d, load_profile(d.profile), self.injectors[d.name])
+                        for d in config.devices if d not in self.dlt645_devices]
+        self.tcp_devices = [d for d in self.devices if d.line is None]
+        #: Modbus RTU lines by name (``path`` is set once started).
+        self.rtu_lines: dict[str, RtuLineServer] = {}
+        for ln in config.lines:
+            if ln.protocol != "modbus-rtu":
+                continue
+            on = [d for d in self.devices if d.line == ln.name]
+            self.rtu_lines[ln.name] = RtuLineServer(ln, self._rtu_handler(ln.name),
+                                                    [d.device_id for d in on], wire_time)
+        self._cores: dict[str | None, _BusCore] = {}  # by line name; None: the TCP server
+        self._decoder = _request_decoder()
         #: Coil writes by device name, oldest first.
         self.coil_writes: dict[str, list[CoilWrite]] = {d.name: [] for d in self.devices}
         self._listeners: list[Callable[[CoilChange], None]] = []
-        self._server: ModbusTcpServer | None = None
+        self._tcp: _TcpServer | None = None
         self.bound_port: int | None = None
 
     def add_listener(self, callback: Callable[[CoilChange], None]) -> None:
@@ -289,38 +348,37 @@ class SimulatedSite:
         self._listeners.append(callback)
 
     async def start(self) -> int:
-        """Start listening; returns the bound TCP port (the one picked, for port 0)."""
-        if self._server is not None:
+        """Start the TCP server and every Modbus RTU line; returns the bound TCP port."""
+        if self._tcp is not None:
             raise RuntimeError("the simulated site is already started")
-        devices = [d.simdevice() for d in self.devices]
-        devices.append(_catch_all_device())
-        server = ModbusTcpServer(devices, address=(self.host, self.port),
-                                 custom_pdu=_request_classes(self))
+        self._cores = {None: _BusCore(self.tcp_devices)}
+        for name in self.rtu_lines:
+            self._cores[name] = _BusCore([d for d in self.devices if d.line == name])
+        tcp = _TcpServer(self, self._cores[None], self.host, self.port)
+        port = await tcp.start()
+        self._tcp = tcp
         try:
-            await server.serve_forever(background=True)
-        except RuntimeError as exc:
-            if ModbusTcpServer.active_server is server:
-                ModbusTcpServer.active_server = None
-            raise OSError(f"cannot listen on {self.host}:{self.port} "
-                          "(address in use or not available)") from exc
-        listener = cast(asyncio.Server, server.transport)
-        self.bound_port = int(listener.sockets[0].getsockname()[1])
-        self._server = server
+            for line in self.rtu_lines.values():
+                await line.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.bound_port = port
         self.physics.sample(self.clock())  # the energy register integrates from now
-        return self.bound_port
+        return port
 
     async def stop(self) -> None:
-        """Stop listening and close every connection; a no-op when not started."""
-        server, self._server = self._server, None
-        if server is None:
+        """Stop the TCP server (closing every connection) and the lines; a no-op when stopped."""
+        tcp, self._tcp = self._tcp, None
+        if tcp is None:
             return
-        await server.shutdown()
-        if ModbusTcpServer.active_server is server:
-            ModbusTcpServer.active_server = None
+        for line in self.rtu_lines.values():
+            await line.stop()
+        await tcp.stop()
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._tcp is not None
 
     def loads_on(self) -> dict[str, bool]:
         """On/off state of every load, by load name."""
@@ -330,11 +388,74 @@ class SimulatedSite:
         """Total active power the main meter measures at ``t`` (default: now), in kW."""
         return self.physics.power_kw(self.clock() if t is None else t)
 
-    # -- hooks -------------------------------------------------------------------------------
+    def line_paths(self) -> dict[str, str]:
+        """The device path of every started serial line, by line name."""
+        return {name: line.path for name, line in self.rtu_lines.items() if line.path}
 
-    def _bits_answer(self, device_id: int, table: Table, address: int, count: int) -> bool:
-        device = self._by_id.get(device_id)
-        return device is None or device.bits_answer(table, address, count)
+    # -- faults ----------------------------------------------------------------------------------
+
+    def set_faults(self, device_name: str, faults: Faults) -> None:
+        """Replace the faults of a device (from now on, for every request)."""
+        injector = self.injectors.get(device_name)
+        if injector is None:
+            raise KeyError(f"no device named {device_name!r} (devices: "
+                           f"{', '.join(self.injectors)})")
+        injector.faults = faults
+
+    def faults(self, device_name: str) -> Faults:
+        """The faults a device currently shows."""
+        injector = self.injectors.get(device_name)
+        if injector is None:
+            raise KeyError(f"no device named {device_name!r}")
+        return injector.faults
+
+    # -- the request path shared by TCP and RTU --------------------------------------------------
+
+    def _rtu_handler(self, line: str) -> Callable[[int, bytes], Coroutine[Any, Any, Reply]]:
+        async def handler(device_id: int, pdu: bytes) -> Reply:
+            return await self.handle_request(line, device_id, pdu)
+        return handler
+
+    async def handle_request(self, line: str | None, device_id: int, request: bytes) -> Reply:
+        """What the device ``device_id`` on ``line`` (None: the TCP server) answers to the
+        request PDU ``request`` (function code + data), faults applied."""
+        serial = line is not None
+        core = self._cores[line]
+        device = core.by_id.get(device_id)
+        if device is None:
+            # on a line nobody answers; a TCP gateway says the target did not respond
+            return Reply() if serial else Reply(_exception(request[0], ExcCodes.GATEWAY_NO_RESPONSE))
+        decision = device.faults.decide(serial)
+        if decision.outcome is Outcome.SILENT:
+            return Reply()
+        if decision.delay_s > 0:
+            await asyncio.sleep(decision.delay_s)
+        if decision.outcome is Outcome.DROP:
+            return Reply(drop=True)
+        if decision.outcome is Outcome.EXCEPTION:
+            return Reply(_exception(request[0], decision.exception_code))
+        answer = await self._execute(core, device_id, request)
+        if decision.outcome is Outcome.GARBAGE:
+            return Reply(garbage=device.faults.garbage(len(answer) + (3 if serial else 7)))
+        return Reply(answer, bad_crc=decision.outcome is Outcome.CRC_ERROR)
+
+    async def _execute(self, core: _BusCore, device_id: int, request: bytes) -> bytes:
+        """Decode and run one request on the bus's datastore; returns the answer PDU."""
+        function = request[0]
+        if function not in _FC_TABLE:
+            return _exception(function, ExcCodes.ILLEGAL_FUNCTION)
+        pdu = self._decoder.decode(request)
+        if pdu is None:  # wrong length, count out of range
+            return _exception(function, ExcCodes.ILLEGAL_VALUE)
+        pdu.dev_id = device_id
+        try:
+            response = await pdu.datastore_update(core, device_id)
+            return bytes([response.function_code]) + response.encode()
+        except Exception:
+            _log.exception("device id %d: request %s failed", device_id, request.hex(" "))
+            return _exception(function, ExcCodes.DEVICE_FAILURE)
+
+    # -- hooks -----------------------------------------------------------------------------------
 
     def _coil_written(self, t: float, device: _Device, point: Point, value: bool,
                       old: bool) -> None:
@@ -348,6 +469,73 @@ class SimulatedSite:
                 callback(change)
             except Exception:
                 _log.exception("coil change listener failed")
+
+
+class _TcpServer:
+    """Modbus TCP: MBAP frames; the unit id selects the device. Requests on one connection are
+    answered concurrently (a slow device does not hold up the others behind a gateway)."""
+
+    def __init__(self, site: SimulatedSite, core: _BusCore, host: str, port: int) -> None:
+        self.site = site
+        self.core = core
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        try:
+            self._server = await asyncio.start_server(self._connection, self.host, self.port)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {self.host}:{self.port} "
+                          f"({exc.strerror or 'address in use or not available'})") from exc
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if (me := asyncio.current_task()) is not None:
+            self._track(me)
+        self._writers.add(writer)
+        try:
+            while True:
+                tid, pid, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+                if pid != 0 or not 2 <= length <= 254:
+                    break  # not Modbus: hang up
+                pdu = await reader.readexactly(length - 1)
+                self._track(asyncio.create_task(self._answer(writer, tid, unit, pdu)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _answer(self, writer: asyncio.StreamWriter, tid: int, unit: int, pdu: bytes) -> None:
+        reply = await self.site.handle_request(None, unit, pdu)
+        if writer.is_closing():
+            return
+        if reply.drop:
+            writer.close()
+        elif reply.garbage is not None:
+            writer.write(reply.garbage)
+        elif reply.pdu is not None:
+            writer.write(struct.pack(">HHHB", tid, 0, len(reply.pdu) + 1, unit) + reply.pdu)
 
 
 # -- `lmt sim` ---------------------------------------------------------------------------------
@@ -385,24 +573,39 @@ def write_atomically(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def ready_info_path(ready_file: Path) -> Path:
+    """Where ``lmt sim --ready-file F`` writes its JSON details: ``F.json`` next to ``F``."""
+    return ready_file.with_name(ready_file.name + ".json")
+
+
 async def run_site(path: Path | str, port_override: int | None = None,
-                   ready_file: Path | None = None) -> None:
+                   ready_file: Path | None = None, control_port: int | None = None) -> None:
     """Serve the site file ``path`` until cancelled, SIGTERM or SIGINT.
 
-    Writes the bound port into ``ready_file`` once listening (removed again on stop) and
-    logs each coil change (logger ``lmt.firmware_sim.server``, INFO; to stderr when the
-    program has not configured logging). Raises ``ConfigError`` for a bad site file and
-    ``OSError`` when it cannot listen.
+    Once serving, writes the bound TCP port into ``ready_file`` (text, ``"5020\n"``) and, just
+    before it, ``<ready_file>.json``: ``{"port": 5020, "control_port": 40123 or null,
+    "lines": {"<line>": "/dev/pts/4", ...}}``; both are removed again on stop. With
+    ``control_port`` (0: a free port), serves the control channel
+    (:mod:`~lmt.firmware_sim.control`) on 127.0.0.1. Logs each coil change (logger
+    ``lmt.firmware_sim.server``, INFO; to stderr when the program has not configured logging).
+    Raises ``ConfigError`` for a bad site file and ``OSError`` when it cannot listen.
     """
     with _log_to_stderr():
-        await _run_site(path, port_override, ready_file)
+        await _run_site(path, port_override, ready_file, control_port)
 
 
-async def _run_site(path: Path | str, port_override: int | None,
-                    ready_file: Path | None) -> None:
+def _describe(devices: Iterable[_Device]) -> str:
+    return ", ".join(f"{d.name} (id {d.device_id}, {d.profile.id})" for d in devices) or "no devices"
+
+
+async def _run_site(path: Path | str, port_override: int | None, ready_file: Path | None,
+                    control_port: int | None) -> None:
+    from .control import ControlServer  # control imports this module
+
     config = load_site(path)
     site = SimulatedSite(config, port=port_override)
     site.add_listener(lambda change: _log.info("%s", change.describe()))
+    control = ControlServer(site, port=control_port) if control_port is not None else None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
@@ -412,21 +615,34 @@ async def _run_site(path: Path | str, port_override: int | None,
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             continue
         installed.append(sig)
+    info = ready_info_path(Path(ready_file)) if ready_file is not None else None
     try:
         port = await site.start()
-        devices = ", ".join(f"{d.name} (id {d.device_id}, {d.profile.id})"
-                            for d in site.devices)
-        _log.info("lmt sim: %s on %s:%d: %s", config.site.name, site.host, port, devices)
-        if ready_file is not None:
+        _log.info("lmt sim: %s on %s:%d: %s", config.site.name, site.host, port,
+                  _describe(site.tcp_devices))
+        for name, line in site.rtu_lines.items():
+            _log.info("lmt sim: line %s: %s", line.describe(),
+                      _describe(d for d in site.devices if d.line == name))
+        for d in site.dlt645_devices:
+            _log.info("lmt sim: %s (DL/T 645 on line %s) is not served", d.name, d.line)
+        bound_control = await control.start() if control is not None else None
+        if bound_control is not None:
+            _log.info("lmt sim: control channel on 127.0.0.1:%d", bound_control)
+        if ready_file is not None and info is not None:
+            write_atomically(info, json.dumps({"port": port, "control_port": bound_control,
+                                               "lines": site.line_paths()}) + "\n")
             write_atomically(Path(ready_file), f"{port}\n")
         await stop.wait()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
         was_running = site.running
+        if control is not None:
+            await control.stop()
         await site.stop()
-        if ready_file is not None:
-            with contextlib.suppress(OSError):
-                Path(ready_file).unlink(missing_ok=True)
+        for f in (ready_file, info):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    Path(f).unlink(missing_ok=True)
         if was_running:
             _log.info("lmt sim: %s stopped", config.site.name)

@@ -1,0 +1,278 @@
+"""Modbus driver: coalesced block reads of a profile's points, verified coil writes, on any bus.
+
+A bus is one Modbus connection — :class:`ModbusTcpBus` (a TCP socket to a meter or a gateway)
+or :class:`~lmt.drivers.modbus_rtu.ModbusRtuBus` (one serial line) — shared by the device ids
+behind it and running one transaction at a time. A :class:`ModbusDevice` is one device id on a
+bus, read and written through its profile; it works the same on either bus.
+
+Every bus counts its ``transactions`` and the bytes of the Modbus frames it sent and received
+(``bytes_sent``/``bytes_received``: MBAP header + PDU on TCP, the whole RTU frame with its CRC
+on a serial line; TCP/IP headers are not counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client.base import ModbusBaseClient
+from pymodbus.exceptions import ModbusException
+from pymodbus.pdu import ModbusPDU
+
+from lmt.config.profiles import Point, Profile, Table
+
+from .codec import decode_registers
+from .errors import DeviceException, DeviceUnavailable, VerificationError
+from .plan import Block, plan_reads
+
+Value = float | bool
+
+#: Builds the request on the bus's pymodbus client, e.g. ``lambda c: c.read_coils(0, count=8)``.
+RequestFactory = Callable[[Any], Awaitable[ModbusPDU]]
+
+_HEX_SHOWN = 24  # bytes of a garbled answer quoted in an error message
+
+
+def hex_bytes(data: bytes, limit: int = _HEX_SHOWN) -> str:
+    """``01 04 02 ff`` (first ``limit`` bytes, then ``…``)."""
+    shown = data[:limit].hex(" ")
+    return shown + (" …" if len(data) > limit else "")
+
+
+class ModbusBus:
+    """One Modbus bus: one transaction at a time, typed errors, wire counters.
+
+    Subclasses make the pymodbus client (lazily, inside the running loop: pymodbus clients
+    need one at construction) and may hook the moments around a transaction.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._client: ModbusBaseClient | None = None
+        self._lock: asyncio.Lock | None = None
+        self.transactions = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._rx_seen = b""  # the receive buffer trace_packet saw last (pymodbus accumulates)
+        self._request = b""  # the last frame sent
+        self._answer = bytearray()  # bytes received since the last frame sent
+        self._lost = False  # the connection went down during the transaction
+
+    # -- to be provided by a subclass ------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def _make_client(self) -> ModbusBaseClient:
+        raise NotImplementedError
+
+    async def _connect_failed(self) -> str:
+        """Why the client could not connect, in one sentence."""
+        return "cannot connect"
+
+    async def _before_request(self) -> None:
+        """Called under the bus lock, connected, just before the request is built and sent."""
+
+    def _on_sent(self, frame: bytes) -> None:
+        """Called as pymodbus hands a request frame to the transport."""
+
+    def _on_received(self, data: bytes) -> None:
+        """Called with each chunk of bytes received."""
+
+    def _no_answer(self, exc: ModbusException) -> str:
+        """Why a request got no usable answer (called after pymodbus gave up)."""
+        if self._lost:
+            return "connection closed by the device"
+        if not self._answer:
+            return f"no answer within {self.timeout_s:g} s"
+        return f"garbled answer ({len(self._answer)} bytes: {hex_bytes(bytes(self._answer))})"
+
+    def _close_after_failure(self) -> bool:
+        """Close the connection after a failed transaction (TCP: yes, a fresh socket is cheap)."""
+        return True
+
+    # -- the client ------------------------------------------------------------------------------
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        """pymodbus ``trace_packet`` hook: count the bytes on the wire.
+
+        On receive pymodbus passes its whole receive buffer, which grows chunk by chunk until a
+        frame decodes; only what is new since the previous call is counted.
+        """
+        if sending:
+            self.bytes_sent += len(data)
+            self._rx_seen = b""
+            self._request = bytes(data)
+            self._answer.clear()
+            self._on_sent(data)
+            return data
+        seen = self._rx_seen
+        new = data[len(seen):] if seen and data.startswith(seen) else data
+        self._rx_seen = bytes(data)
+        if new:
+            self.bytes_received += len(new)
+            self._answer += new
+            self._on_received(bytes(new))
+        return data
+
+    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        if not sending:  # a frame decoded: pymodbus dropped it from its receive buffer
+            self._rx_seen = b""
+        return pdu
+
+    def _trace_connect(self, connected: bool) -> None:
+        if not connected:
+            self._lost = True
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and bool(self._client.connected)
+
+    async def ensure_connected(self) -> ModbusBaseClient:
+        """The connected client (made on first use); raises DeviceUnavailable."""
+        if self._client is None:
+            self._client = self._make_client()
+        if self._client.connected:
+            return self._client
+        try:
+            ok = await self._client.connect()
+        except (OSError, ModbusException) as exc:
+            raise DeviceUnavailable(self.name, f"cannot connect: {exc}") from exc
+        if not ok:
+            raise DeviceUnavailable(self.name, await self._connect_failed())
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    async def call(self, label: str, function: int, coro_factory: RequestFactory) -> ModbusPDU:
+        """Run one request under the bus lock; map failures to typed errors.
+
+        ``function`` is the request's function code: an answer with another one (a late answer
+        to an earlier request) is refused. Raises DeviceUnavailable (no usable answer) or
+        DeviceException (the device answered with an exception code).
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            client = await self.ensure_connected()
+            await self._before_request()
+            self.transactions += 1
+            self._lost = False
+            self._answer.clear()
+            try:
+                rr = await coro_factory(client)
+            except ModbusException as exc:
+                reason = self._no_answer(exc)
+                if self._close_after_failure():
+                    client.close()
+                raise DeviceUnavailable(label, reason) from exc
+            except (TimeoutError, OSError) as exc:
+                client.close()
+                raise DeviceUnavailable(label, f"connection failed: {exc}") from exc
+        answered = rr.function_code & 0x7F
+        if answered != function:
+            raise DeviceUnavailable(label, f"answer to another request (function {answered}, "
+                                           f"expected {function})")
+        if rr.isError():
+            code = getattr(rr, "exception_code", 0)
+            raise DeviceException(label, function, int(code))
+        return rr
+
+
+class ModbusTcpBus(ModbusBus):
+    """One Modbus TCP connection, shared by the device ids behind it."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = 1.0) -> None:
+        super().__init__(timeout_s)
+        self.host = host
+        self.port = port
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _make_client(self) -> ModbusBaseClient:
+        # reconnect_delay=0: no background reconnects; the agent decides when to retry.
+        return AsyncModbusTcpClient(self.host, port=self.port, timeout=self.timeout_s, retries=0,
+                                    reconnect_delay=0, trace_packet=self._trace_packet,
+                                    trace_pdu=self._trace_pdu, trace_connect=self._trace_connect)
+
+    async def _connect_failed(self) -> str:
+        return "cannot connect (refused or timed out)"
+
+
+class ModbusDevice:
+    """A device id on a Modbus bus (TCP or RTU), read and written through its profile."""
+
+    def __init__(self, name: str, bus: ModbusBus, device_id: int, profile: Profile) -> None:
+        self.name = name
+        self.bus = bus
+        self.device_id = device_id
+        self.profile = profile
+        self._plans: dict[tuple[str, ...], list[Block]] = {}
+        self.last_latency_s = 0.0
+
+    def plan(self, names: Iterable[str] | None = None) -> list[Block]:
+        key = tuple(sorted(names)) if names is not None else ()
+        if key not in self._plans:
+            pts = self.profile.points if not key else tuple(self.profile.point(n) for n in key)
+            self._plans[key] = plan_reads(pts, self.profile.max_gap)
+        return self._plans[key]
+
+    async def _read_block(self, block: Block) -> list[int] | list[bool]:
+        dev = self.device_id
+        fn = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}[block.table]
+
+        def request(c: Any) -> Awaitable[ModbusPDU]:
+            if block.table is Table.COIL:
+                return c.read_coils(block.address, count=block.count, device_id=dev)
+            if block.table is Table.DISCRETE:
+                return c.read_discrete_inputs(block.address, count=block.count, device_id=dev)
+            if block.table is Table.HOLDING:
+                return c.read_holding_registers(block.address, count=block.count, device_id=dev)
+            return c.read_input_registers(block.address, count=block.count, device_id=dev)
+
+        rr = await self.bus.call(self.name, fn, request)
+        if block.table.is_bit:
+            bits = list(rr.bits)
+            if len(bits) < block.count:
+                raise DeviceUnavailable(self.name, f"short answer: {len(bits)} bits")
+            return bits[: block.count]
+        regs = list(rr.registers)
+        if len(regs) != block.count:
+            raise DeviceUnavailable(self.name, f"short answer: {len(regs)} of {block.count} registers")
+        return regs
+
+    async def read_points(self, names: Iterable[str] | None = None) -> dict[str, Value]:
+        """Read points (all of the profile's when ``names`` is None) in planned block reads."""
+        start = time.monotonic()
+        out: dict[str, Value] = {}
+        for block in self.plan(names):
+            data = await self._read_block(block)
+            for p in block.points:
+                off = p.address - block.address
+                if block.table.is_bit:
+                    out[p.name] = bool(data[off])
+                else:
+                    out[p.name] = decode_registers(data[off: off + p.size], p)
+        self.last_latency_s = time.monotonic() - start
+        return out
+
+    async def write_coil(self, point_name: str, value: bool, verify: bool = True) -> None:
+        """Write one coil; with ``verify``, read it back and raise if it did not take."""
+        point: Point = self.profile.point(point_name)
+        if point.table is not Table.COIL or not point.writable:
+            raise ValueError(f"{self.name}: point {point_name!r} is not a writable coil")
+        dev = self.device_id
+        await self.bus.call(self.name, 5,
+                            lambda c: c.write_coil(point.address, value, device_id=dev))
+        if verify:
+            got = (await self.read_points([point_name]))[point_name]
+            if bool(got) != value:
+                raise VerificationError(self.name, f"{point_name} written {value}, reads {got}")
