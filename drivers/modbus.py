@@ -24,11 +24,11 @@ from pymodbus.pdu import ModbusPDU
 
 from lmt.config.profiles import Point, Profile, Table
 
-from .codec import decode_registers
+from .codec import decode_registers, encode_value
 from .errors import DeviceException, DeviceUnavailable, VerificationError
-from .plan import Block, plan_reads
+from .plan import Block, due_points, plan_reads
 
-Value = float | bool
+Value = float | bool | None
 
 #: Builds the request on the bus's pymodbus client, e.g. ``lambda c: c.read_coils(0, count=8)``.
 RequestFactory = Callable[[Any], Awaitable[ModbusPDU]]
@@ -219,11 +219,18 @@ class ModbusDevice:
         self.last_latency_s = 0.0
 
     def plan(self, names: Iterable[str] | None = None) -> list[Block]:
+        """Block reads for these points (all when None); never across a profile barrier."""
         key = tuple(sorted(names)) if names is not None else ()
         if key not in self._plans:
             pts = self.profile.points if not key else tuple(self.profile.point(n) for n in key)
-            self._plans[key] = plan_reads(pts, self.profile.max_gap)
+            self._plans[key] = plan_reads(pts, self.profile.max_gap, barriers=self.profile.points)
         return self._plans[key]
+
+    def due(self, last_read: dict[str, float], now: float, fast_interval_s: float,
+            slow_interval_s: float) -> list[str]:
+        """Names of the points older than their poll class allows (poll by age)."""
+        return [p.name for p in due_points(self.profile.points, last_read, now, fast_interval_s,
+                                           slow_interval_s)]
 
     async def _read_block(self, block: Block) -> list[int] | list[bool]:
         dev = self.device_id
@@ -276,3 +283,43 @@ class ModbusDevice:
             got = (await self.read_points([point_name]))[point_name]
             if bool(got) != value:
                 raise VerificationError(self.name, f"{point_name} written {value}, reads {got}")
+
+    async def write_point(self, point_name: str, value: float | bool, verify: bool = True) -> None:
+        """Write a writable point (a coil, or holding registers: function 16); with ``verify``,
+        read it back and raise VerificationError if the device holds another value."""
+        point: Point = self.profile.point(point_name)
+        if not point.writable:
+            raise ValueError(f"{self.name}: point {point_name!r} is not writable")
+        if point.table is Table.COIL:
+            await self.write_coil(point_name, bool(value), verify)
+            return
+        if point.table is not Table.HOLDING:
+            raise ValueError(f"{self.name}: {point.table.value} points cannot be written")
+        assert point.address is not None
+        current = None
+        if point.bit is not None:  # a bit field: read-modify-write the register(s)
+            block = self.plan([point_name])[0]
+            data = await self._read_block(block)
+            off = point.address - block.address
+            current = data[off: off + point.size]
+        regs = encode_value(value, point, current)  # type: ignore[arg-type]
+        dev, address = self.device_id, point.address
+        await self.bus.call(self.name, 16,
+                            lambda c: c.write_registers(address, regs, device_id=dev))
+        if verify:
+            got = (await self.read_points([point_name]))[point_name]
+            if not _same_value(point, value, got):
+                raise VerificationError(self.name, f"{point_name} written {value}, reads {got}")
+
+
+def _same_value(point: Point, written: float | bool, got: Value) -> bool:
+    """Does a read-back match the written value, within the point's resolution?"""
+    if got is None:
+        return False
+    if point.is_bool:
+        return bool(got) == bool(written)
+    if point.type is not None and point.type.value.startswith("float"):
+        tol = 1e-6 * max(1.0, abs(float(written)))  # float32 keeps ~7 digits
+    else:
+        tol = abs(point.multiplier) / 2  # integer registers: one step of the multiplier
+    return abs(float(got) - float(written)) <= tol + 1e-12

@@ -45,6 +45,7 @@ from pymodbus.framer import FramerRTU, FramerType
 
 from .errors import DeviceUnavailable
 from .modbus import ModbusBus, hex_bytes
+from .serial_line import char_time_s, modbus_rtu_silence_s
 
 if TYPE_CHECKING:
     from lmt.config.agent import Line
@@ -52,16 +53,7 @@ if TYPE_CHECKING:
 MAX_RTU_FRAME = 256  # bytes: device id + PDU (at most 253) + CRC
 
 
-def char_time_s(baud: int, byte_size: int = 8, parity: str = "N", stop_bits: int = 1) -> float:
-    """Seconds one character takes on the wire: start bit, data bits, parity bit, stop bits."""
-    return (1 + byte_size + (0 if parity == "N" else 1) + stop_bits) / baud
-
-
-def silence_s(baud: int, byte_size: int = 8, parity: str = "N", stop_bits: int = 1) -> float:
-    """The Modbus RTU inter-frame silence: 3.5 character times; 1.75 ms above 19200 bit/s."""
-    if baud > 19200:
-        return 0.00175
-    return 3.5 * char_time_s(baud, byte_size, parity, stop_bits)
+silence_s = modbus_rtu_silence_s  # the Modbus RTU inter-frame silence
 
 
 def crc16(data: bytes) -> bytes:

@@ -21,7 +21,6 @@ import pytest
 
 from lmt.config.profiles import DataType, Point, Profile, Table, available_profiles, load_profile
 from lmt.config.site import SimDevice, SimLoad, SiteConfig, SiteInfo
-from lmt.drivers.codec import encode_value
 from lmt.drivers.modbus_tcp import ModbusDevice, ModbusTcpBus
 from lmt.drivers.plan import min_transactions
 from lmt.firmware_sim import SimulatedSite
@@ -97,14 +96,8 @@ def _test_value(p: Point) -> float:
 
 
 async def _write(device: ModbusDevice, p: Point, value: float) -> None:
-    """Write a register point through the driver (its ``write_point`` once it has one)."""
-    write_point = getattr(device, "write_point", None)
-    if write_point is not None:
-        await write_point(p.name, value)
-        return
-    words = encode_value(value, p)
-    await device.bus.call(device.name, 16, lambda c: c.write_registers(
-        p.address, values=words, device_id=device.device_id))
+    """Write a point through the driver, verified by its read-back."""
+    await device.write_point(p.name, value)
 
 
 @pytest.mark.parametrize("profile_id", PROFILES)
