@@ -26,13 +26,12 @@ from typing import Any
 from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessageInfo
 
 from lmt.config.agent import AgentConfig
-from lmt.config.profiles import load_profile
 from lmt.control import CapParams, LoadSpec, LoadState, decide_cap, decide_release, warmup
 from lmt.drivers.errors import DriverError
-from lmt.drivers.modbus_tcp import ModbusDevice, ModbusTcpBus
 
 from . import lmt_version
 from .buffer import STREAMS, Buffer, Record
+from .devices import build_devices, due_names, transport_of
 from .health import DeviceHealth, HealthPolicy
 from .messages import CancelCommand, CapCommand, Command, ShedCommand, Status
 from .mqtt import MqttLink, Topics
@@ -69,13 +68,8 @@ class Agent:
         self.session = int(time.time() * 1000)
         self.public_key = load_public_key(cfg.security.platform_public_key)
         self.buffer = Buffer(cfg.buffer.path)
-        buses: dict[tuple[str, int], ModbusTcpBus] = {}
-        self.devices: dict[str, ModbusDevice] = {}
-        for d in cfg.devices:
-            bus = buses.setdefault((d.host, d.port),
-                                   ModbusTcpBus(d.host, d.port, cfg.poll.timeout_s))
-            self.devices[d.name] = ModbusDevice(d.name, bus, d.device_id, load_profile(d.profile))
-        self.buses = list(buses.values())
+        self.devices, self.transports = build_devices(cfg)
+        self._last_read: dict[str, dict[str, float]] = {name: {} for name in self.devices}
         self.health = {name: DeviceHealth(self._policy(d.offline_after_s)) for name, d in
                        zip(self.devices, cfg.devices, strict=True)}
         self.latest: dict[str, tuple[float, dict[str, float | bool | None]]] = {}
@@ -145,11 +139,16 @@ class Agent:
             if not h.due(self.mono()):
                 continue
             ts, t0 = self.clock(), self.mono()
+            last = self._last_read[name]
+            names = due_names(dev, last, t0, self.cfg.poll.interval_s * 0.9,
+                              self.cfg.poll.slow_interval_s)
+            if not names:
+                continue
             try:
-                values = await asyncio.wait_for(dev.read_points(), h.timeout_s)
+                values = await asyncio.wait_for(dev.read_points(names), h.timeout_s)
             except (DriverError, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError):
-                    dev.bus.close()  # drop the half-finished transaction
+                    transport_of(dev).close()  # drop the half-finished transaction
                 error = str(exc) or f"no answer within {h.timeout_s:.2f} s"
                 urgent = self.active is not None and name == self.cfg.control.main_meter
                 if h.failure(self.mono(), error, urgent=urgent):
@@ -162,7 +161,9 @@ class Agent:
                 self.event("device_online", device=name)
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                      for k, v in values.items()}
-            self.latest[name] = (self.mono(), clean)
+            last.update(dict.fromkeys(clean, t0))
+            merged = {**self.latest[name][1], **clean} if name in self.latest else clean
+            self.latest[name] = (self.mono(), merged)
             self._pending_readings.append({"ts": ts, "device": name, "values": clean})
             fresh.add(name)
         # Write the batch now if holding it until the next cycle would pass the flush interval.
@@ -482,7 +483,7 @@ class Agent:
                 log.warning("stopping with unacknowledged messages; they stay in the buffer")
                 sync.cancel()
             self.link.stop()
-            for bus in self.buses:
-                bus.close()
+            for transport in self.transports:
+                transport.close()
             self.buffer.close()
             log.info("terminal %s stopped", self.terminal)

@@ -171,8 +171,8 @@ def main() -> None:
                 try:
                     return await cycle_times(agent, port, blocks, args.cycles)
                 finally:
-                    for bus in agent.buses:
-                        bus.close()
+                    for transport in agent.transports:
+                        transport.close()
                     agent.buffer.close()
 
             agent_t, bare_t = asyncio.run(run())

@@ -60,6 +60,12 @@ class Rig:
         assert not rr.isError()
         return list(rr.bits[:8])
 
+    def off_loads(self) -> set[str]:
+        """Loads whose relay is open (the demo site's relay_1..relay_7)."""
+        names = ["chiller-1", "chiller-2", "air-compressor", "ev-chargers", "water-heater",
+                 "hall-b-lighting", "server-room"]
+        return {n for n, on in zip(names, self.coils()[:7], strict=True) if not on}
+
     def power_kw(self) -> float:
         import struct
         rr = self.modbus.read_input_registers(0x34, count=2, device_id=1)
@@ -105,6 +111,9 @@ def test_supersede_keeps_what_is_needed(tmp_path: Path, site: int, broker: Broke
         p0 = rig.power_kw()
         a, _ = rig.command("cap", cap_kw=round(p0 - 60), duration_s=600)
         wait_until(lambda: rig.power_kw() < p0 - 60, 10, "the deep cap")
+        # every relay that is open has its load_shed event (events arrive over MQTT)
+        wait_until(lambda: rig.off_loads() and rig.off_loads() == set(rig.event_loads("load_shed")),
+                   10, "the shed events")
         shed_a = set(rig.event_loads("load_shed"))
         b, answers = rig.command("cap", cap_kw=round(p0 - 20), duration_s=600)
         assert answers[-1]["status"] == "accepted"

@@ -1,0 +1,69 @@
+"""Build the agent's devices from its configuration: every protocol behind one interface.
+
+A device reads its points (``read_points(names)``), may write them (Modbus), and has a
+transport (a TCP connection, or a serial line shared by the devices on it) that the agent
+resets after a timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from lmt.config.agent import AgentConfig
+from lmt.config.profiles import Profile, load_profile
+from lmt.drivers.dlt645 import Dlt645Meter
+from lmt.drivers.modbus import ModbusBus, ModbusDevice, ModbusTcpBus
+from lmt.drivers.modbus_rtu import ModbusRtuBus
+from lmt.drivers.plan import due_points
+from lmt.drivers.serial_line import SerialLine
+
+
+class Transport(Protocol):
+    def close(self) -> None: ...
+
+
+class Device(Protocol):
+    name: str
+    profile: Profile
+
+    async def read_points(self, names: Any = None) -> dict[str, Any]: ...
+
+
+def transport_of(dev: Any) -> Transport:
+    return dev.bus if isinstance(dev, ModbusDevice) else dev.line
+
+
+def due_names(dev: Any, last_read: dict[str, float], now: float, fast_s: float, slow_s: float
+              ) -> list[str]:
+    """Points older than their poll class allows: fast ones every cycle, slow ones (energy
+    totals) every ``slow_s``."""
+    return [p.name for p in due_points(dev.profile.points, last_read, now, fast_s, slow_s)]
+
+
+def build_devices(cfg: AgentConfig) -> tuple[dict[str, Any], list[Transport]]:
+    """Devices by name, and every transport (so the agent can close them)."""
+    timeout = cfg.poll.timeout_s
+    tcp: dict[tuple[str, int], ModbusBus] = {}
+    rtu: dict[str, ModbusBus] = {}
+    serial: dict[str, SerialLine] = {}
+    devices: dict[str, Any] = {}
+    for d in cfg.devices:
+        profile = load_profile(d.profile)
+        if d.line is None:
+            assert d.host is not None
+            bus = tcp.setdefault((d.host, d.port), ModbusTcpBus(d.host, d.port, timeout))
+            devices[d.name] = ModbusDevice(d.name, bus, d.device_id, profile)
+            continue
+        line = cfg.line(d.line)
+        if line.protocol == "modbus-rtu":
+            if line.name not in rtu:
+                rtu[line.name] = ModbusRtuBus.from_line(line, line.timeout_s or timeout)
+            devices[d.name] = ModbusDevice(d.name, rtu[line.name], d.device_id, profile)
+        else:
+            if line.name not in serial:
+                serial[line.name] = SerialLine.from_config(line, line.timeout_s or timeout)
+            assert d.address is not None
+            devices[d.name] = Dlt645Meter(d.name, serial[line.name], d.address, profile,
+                                          timeout_s=line.timeout_s or timeout)
+    transports: list[Transport] = [*tcp.values(), *rtu.values(), *serial.values()]
+    return devices, transports
