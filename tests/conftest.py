@@ -60,3 +60,55 @@ def site(tmp_path: Path) -> Iterator[int]:
     finally:
         p.terminate()
         p.wait(10)
+
+
+class SiteThread:
+    """A SimulatedSite served from its own event loop in a background thread."""
+
+    def __init__(self, config: object, **kw: object) -> None:
+        import asyncio
+        import threading
+
+        from lmt.firmware_sim import SimulatedSite
+
+        self._asyncio = asyncio
+        self.site = SimulatedSite(config, port=0, **kw)  # type: ignore[arg-type]
+        self.port = 0
+        self.paths: dict[str, str] = {}
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = self._asyncio.get_running_loop()
+            self._stop = self._asyncio.Event()
+            try:
+                self.port = await self.site.start()
+                self.paths = dict(self.site.line_paths())
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                raise
+            self._ready.set()
+            await self._stop.wait()
+            await self.site.stop()
+        try:
+            self._asyncio.run(main())
+        except BaseException:
+            pass
+
+    def __enter__(self) -> SiteThread:
+        self._thread.start()
+        wait_until(self._ready.is_set, 30, "the simulated site")
+        if self._error:
+            raise self._error
+        return self
+
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the site's loop (e.g. set_faults)."""
+        self._loop.call_soon_threadsafe(fn)
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
