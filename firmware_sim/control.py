@@ -5,11 +5,16 @@
 
 * ``{"device": "main-meter", "faults": {"no_answer_rate": 0.5}}`` replaces the device's faults
   (keys as in the site file's ``[devices.faults]``; missing keys take their defaults, so
-  ``{"faults": {}}`` clears them) -> ``{"ok": true, "device": ..., "faults": {...all keys}}``
+  ``{"faults": {}}`` clears them) -> ``{"ok": true, "device": ..., "faults": {...all keys}}``.
+  Any device: Modbus TCP, Modbus RTU or a DL/T 645 meter (by its device name).
 * ``{"get": "faults"}`` -> ``{"ok": true, "faults": {"<device>": {...}, ...}}``
-* ``{"get": "lines"}`` -> ``{"ok": true, "lines": {"<line>": "/dev/pts/4", ...}}``
+* ``{"get": "lines"}`` -> ``{"ok": true, "lines": {"<line>": "/dev/pts/4", ...}}`` (Modbus RTU
+  and DL/T 645 lines)
 * ``{"get": "stats"}`` -> ``{"ok": true, "devices": {"<device>": {"answer": 12, ...}},
-  "lines": {"<line>": {"frames": 14, "overlaps": 0, "bad_frames": 0, "min_gap_s": ...}}}``
+  "lines": {"<line>": {"protocol": "modbus-rtu", "frames": 14, "overlaps": 0,
+  "bad_frames": 0, "answers": 12, "min_gap_s": ...}, "<dlt645 line>": {"protocol": "dlt645",
+  "frames": 9, "answers": 8}}}`` (a DL/T 645 line counts the valid request frames it heard and
+  the replies it sent)
 
 A bad request gets ``{"ok": false, "error": "<what is wrong>"}`` and the connection stays
 open. From a shell: ``python -m lmt.firmware_sim.control 40123 '{"get": "faults"}'``.
@@ -56,13 +61,18 @@ def handle(site: SimulatedSite, message: Any) -> dict[str, Any]:
         if what == "lines":
             return {"ok": True, "lines": site.line_paths()}
         if what == "stats":
+            lines: dict[str, dict[str, Any]] = {
+                name: {"protocol": "modbus-rtu", "frames": len(ln.frames),
+                       "overlaps": ln.overlaps, "bad_frames": ln.bad_frames,
+                       "answers": ln.answers, "min_gap_s": ln.min_gap_s()}
+                for name, ln in site.rtu_lines.items()}
+            for name, meters in site.dlt645_lines.items():
+                lines[name] = {"protocol": "dlt645", "frames": meters.requests,
+                               "answers": meters.replies}
             return {"ok": True,
                     "devices": {name: {k.value: n for k, n in inj.counts.items()}
                                 for name, inj in site.injectors.items()},
-                    "lines": {name: {"frames": len(ln.frames), "overlaps": ln.overlaps,
-                                     "bad_frames": ln.bad_frames, "answers": ln.answers,
-                                     "min_gap_s": ln.min_gap_s()}
-                              for name, ln in site.rtu_lines.items()}}
+                    "lines": lines}
         return {"ok": False, "error": f"cannot get {what!r}; {_USAGE}"}
     if set(message) != {"device", "faults"}:
         return {"ok": False, "error": _USAGE}

@@ -32,14 +32,21 @@ What a meter does:
   pre-trip alarm (2A alarm or a trip counting down), bit 12 power guarantee.
 
 Faults per meter (:class:`~lmt.config.site.Faults`, changed while running with
-:meth:`Dlt645Line.set_faults`): ``offline`` and ``no_answer_rate`` (the request is not heard, so
-a 1C does nothing), ``crc_error_rate`` (the checksum is off by one), ``garbage_rate`` (random
-bytes instead of the reply), ``delay_s`` (answer late), ``exception_code`` at ``exception_rate``
-(an abnormal reply with that error byte, e.g. 4 = not authorised). A late reply is dropped when
-the next request arrives before it went out: the meter does not talk over the master.
+:meth:`Dlt645Line.set_faults`), drawn per request by the meter's
+:class:`~lmt.firmware_sim.faults.FaultInjector` in the same order as for Modbus devices (the
+first that fires decides): ``offline`` and ``no_answer_rate`` (the request is not heard, so a
+1C does nothing), ``exception_code`` at ``exception_rate`` (an abnormal reply with that error
+byte, e.g. 4 = not authorised; the request is not carried out), ``crc_error_rate`` (the
+request is carried out, the reply's checksum is off by one), ``garbage_rate`` (carried out,
+random bytes instead of the reply), ``delay_s`` (answer late); ``drop_rate`` does not apply to
+a serial line. A site passes its own injectors (``injectors``), so that its ``set_faults``, the
+control channel and the per-device statistics cover DL/T 645 meters too. A late reply is
+dropped when the next request arrives before it went out: the meter does not talk over the
+master.
 
 Replies go out after ``response_delay_s`` plus their transmission time at the line's baud rate
-(``line_settings``; DL/T 645 default 2400 bit/s 8E1), so timing looks like a real line.
+(``line_settings``; DL/T 645 default 2400 bit/s 8E1), so timing looks like a real line
+(``wire_time=False``: without the transmission time).
 """
 
 from __future__ import annotations
@@ -49,7 +56,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import termios
 import time
 import tty
@@ -61,6 +67,7 @@ from pathlib import Path
 from lmt.config.profiles import Point, Profile, load_profile
 from lmt.config.site import Faults, SimLine
 
+from .faults import FaultInjector, Outcome
 from .physics import lookup
 
 _log = logging.getLogger(__name__)
@@ -174,7 +181,7 @@ class _Meter:
     profile: Profile
     quantities: Quantities
     by_di: dict[str, list[Point]]
-    faults: Faults = field(default_factory=Faults)
+    injector: FaultInjector
     password: str = "000000"
     level: int = 2
     relay_closed: bool = True
@@ -185,6 +192,10 @@ class _Meter:
     clock_offset_s: float = 0.0
     raw: dict[str, bytes] = field(default_factory=dict)
     follow: tuple[str, list[bytes], int] | None = None  # DI, chunks still to send, next number
+
+    @property
+    def faults(self) -> Faults:
+        return self.injector.faults
 
     def status_word3(self) -> int:
         word = 0
@@ -207,8 +218,10 @@ class Dlt645Line:
                  line_settings: SimLine | None = None, *, on_relay: RelayCallback | None = None,
                  password: str = "000000", password_level: int = 2,
                  response_delay_s: float = 0.02, max_reply_data: int = 200,
-                 trip_delay_s: float = 0.0, auto_close: bool = True, seed: int = 0,
-                 faults: Mapping[str, Faults] | None = None) -> None:
+                 trip_delay_s: float = 0.0, auto_close: bool = True, seed: int | str = 0,
+                 faults: Mapping[str, Faults] | None = None,
+                 injectors: Mapping[str, FaultInjector] | None = None,
+                 wire_time: bool = True) -> None:
         if not meters:
             raise ValueError("a line needs at least one meter")
         if not 1 <= max_reply_data <= 200:
@@ -218,13 +231,12 @@ class Dlt645Line:
         baud = self.settings.baud or 2400
         parity = self.settings.parity or "E"
         bits = 1 + self.settings.byte_size + (0 if parity == "N" else 1) + self.settings.stop_bits
-        self.char_time_s = bits / baud
+        self.char_time_s = bits / baud if wire_time else 0.0
         self.on_relay = on_relay
         self.response_delay_s = response_delay_s
         self.max_reply_data = max_reply_data
         self.trip_delay_s = trip_delay_s
         self.auto_close = auto_close
-        self._rng = random.Random(seed)
         self._meters: dict[str, _Meter] = {}
         for address, profile in meters.items():
             if len(address) != 12 or not address.isdigit():
@@ -237,8 +249,10 @@ class Dlt645Line:
             for p in prof.points:
                 assert p.di is not None
                 by_di.setdefault(p.di.upper(), []).append(p)
-            self._meters[address] = _Meter(address, prof, q, by_di, password=password,
-                                           level=password_level)
+            injector = (injectors or {}).get(address) \
+                or FaultInjector(Faults(), f"{seed}:{address}")
+            self._meters[address] = _Meter(address, prof, q, by_di, injector,
+                                           password=password, level=password_level)
         for address, f in (faults or {}).items():
             self.set_faults(address, f)
         self._master: int | None = None
@@ -271,8 +285,8 @@ class Dlt645Line:
             link.symlink_to(self.device_path)
             self._link = link
         self._loop.add_reader(master, self._on_readable)
-        _log.info("DL/T 645 line on %s (%s) with meters %s", self.device_path,
-                  self._link or "no link", ", ".join(self._meters))
+        _log.debug("DL/T 645 line on %s (%s) with meters %s", self.device_path,
+                   self._link or "no link", ", ".join(self._meters))
         return self.device_path
 
     async def stop(self) -> None:
@@ -308,6 +322,11 @@ class Dlt645Line:
     # -- state, for sites and tests ----------------------------------------------------------
 
     @property
+    def running(self) -> bool:
+        """Whether the pty is open (between :meth:`start` and :meth:`stop`)."""
+        return self._master is not None
+
+    @property
     def addresses(self) -> list[str]:
         return list(self._meters)
 
@@ -318,7 +337,10 @@ class Dlt645Line:
             raise KeyError(f"no meter {address} on this line") from None
 
     def set_faults(self, address: str, faults: Faults) -> None:
-        self._meter(address).faults = faults
+        self._meter(address).injector.faults = faults
+
+    def faults(self, address: str) -> Faults:
+        return self._meter(address).faults
 
     def set_password(self, address: str, password: str, level: int = 2) -> None:
         m = self._meter(address)
@@ -385,20 +407,21 @@ class Dlt645Line:
         answers: list[bytes] = []
         delay = 0.0
         for m in targets:
-            f = m.faults
-            if f.offline or (f.no_answer_rate and self._rng.random() < f.no_answer_rate):
+            decision = m.injector.decide(serial=True)
+            if decision.outcome is Outcome.SILENT:
                 continue
-            reply = self._answer(m, req)
+            if decision.outcome is Outcome.EXCEPTION:
+                reply: bytes | None = _frame(m.address, (req.control | 0xC0) & 0xFF,
+                                             bytes([decision.exception_code & 0xFF]))
+            else:
+                reply = self._answer(m, req)
             if reply is None:
                 continue
-            if f.exception_code is not None and self._rng.random() < f.exception_rate:
-                reply = _frame(m.address, (req.control | 0xC0) & 0xFF,
-                               bytes([f.exception_code & 0xFF]))
-            if f.crc_error_rate and self._rng.random() < f.crc_error_rate:
+            if decision.outcome is Outcome.CRC_ERROR:
                 reply = reply[:-2] + bytes([(reply[-2] + 1) & 0xFF]) + reply[-1:]
-            if f.garbage_rate and self._rng.random() < f.garbage_rate:
-                reply = bytes(self._rng.randrange(256) for _ in range(self._rng.randint(4, 24)))
-            delay = max(delay, f.delay_s)
+            elif decision.outcome is Outcome.GARBAGE:
+                reply = m.injector.garbage(len(reply))
+            delay = max(delay, decision.delay_s)
             answers.append(reply)
         if not answers:
             return

@@ -1,4 +1,4 @@
-"""Serve a simulated site: one Modbus TCP server, and a pseudo-terminal per Modbus RTU line.
+"""Serve a simulated site: one Modbus TCP server, and a pseudo-terminal per serial line.
 
 Each device's register map comes from its profile. Coils, discrete inputs, holding and input
 registers are separate address spaces (pymodbus's four-block ``SimDevice`` form). An address
@@ -16,8 +16,20 @@ injector decides what the request gets (:mod:`~lmt.firmware_sim.faults`); a requ
 answered is decoded with pymodbus's request classes and executed on the device's datastore
 (pymodbus ``SimDevice`` + our access hook); the transport frames the answer. The TCP server
 and the RTU line loop (:mod:`~lmt.firmware_sim.rtu`) are ours, not pymodbus's servers, so that
-faults can be injected per device and per request. Devices on DL/T 645 lines are not served
-here (see ``SimulatedSite.dlt645_devices``).
+faults can be injected per device and per request.
+
+Points whose registers overlap must be bit fields (``bit = N``) of the same status word(s):
+they are served as one merged cell, composed from the model on every read (each point sets
+its own bit); a write of the register is decoded per bit, and only the writable bits keep what
+was written.
+
+A ``dlt645`` line is served by a :class:`~lmt.firmware_sim.dlt645.Dlt645Line` on its own
+pseudo-terminal: its meters answer on their 12-digit ``address``, measure the whole site (the
+same :class:`~lmt.firmware_sim.physics.SitePhysics` quantities as the main meter), draw their
+faults from the same per-device injectors as the Modbus devices (``set_faults`` and the control
+channel reach them) and report a relay that opens or closes (a 1C trip or close) to
+:meth:`SimulatedSite.add_meter_relay_listener`. Opening a meter's relay does not change the
+model: the readings carry on.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,6 +63,7 @@ from lmt.config.profiles import Point, Profile, Table, load_profile
 from lmt.config.site import Faults, SimLoad, SiteConfig, load_site
 from lmt.config.site import SimDevice as DeviceConfig
 
+from .dlt645 import Dlt645Line
 from .encoding import decode, encode
 from .faults import FaultInjector, Outcome, Reply
 from .physics import SitePhysics, is_known, lookup
@@ -67,6 +80,7 @@ _FC_TABLE: dict[int, Table] = {
     3: Table.HOLDING, 6: Table.HOLDING, 16: Table.HOLDING, 22: Table.HOLDING, 23: Table.HOLDING,
     4: Table.INPUT,
 }
+_REGISTER_READS = frozenset({3, 4, 23})
 _TABLES = (Table.COIL, Table.DISCRETE, Table.HOLDING, Table.INPUT)  # SimDevice tuple order
 
 _COIL_ON = 0xFF00
@@ -100,6 +114,68 @@ class CoilChange:
         """One log line: ``relays.relay_4 -> OFF (ev-chargers, 22.0 kW)``."""
         what = f"{self.load.name}, {self.load.kw:.1f} kW" if self.load else "no load"
         return f"{self.relay} -> {'ON' if self.value else 'OFF'} ({what})"
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """Registers served as one unit: one register point, or bit fields sharing registers."""
+
+    address: int
+    size: int
+    points: tuple[Point, ...]
+
+    @property
+    def merged(self) -> bool:
+        return len(self.points) > 1
+
+    @property
+    def writable(self) -> bool:
+        return any(p.writable for p in self.points)
+
+
+def _cells(points: Iterable[Point], where: str) -> list[_Cell]:
+    """The register points of one table as cells: points whose registers overlap form one cell,
+    which is allowed only for bit fields (several bits of one status word); raises ValueError
+    for any other overlap."""
+    groups: list[list[Point]] = []
+    end = -1
+    for p in sorted(points, key=lambda p: (p.address, p.bit or 0)):
+        assert p.address is not None
+        if groups and p.address < end:
+            groups[-1].append(p)
+            end = max(end, p.address + p.size)
+        else:
+            groups.append([p])
+            end = p.address + p.size
+    cells = []
+    for group in groups:
+        start = min(p.address for p in group if p.address is not None)
+        stop = max(p.address + p.size for p in group if p.address is not None)
+        if len(group) > 1 and any(p.bit is None for p in group):
+            names = ", ".join(p.name for p in group)
+            raise ValueError(f"{where}: points {names} overlap at register {start}; only bit "
+                             "fields (bit = N) may share a register")
+        cells.append(_Cell(start, stop - start, tuple(group)))
+    return cells
+
+
+def _bit_mask(point: Point) -> list[int]:
+    """The words of a bit-field point with only its own bit set."""
+    return encode(True, point)
+
+
+@dataclass(frozen=True)
+class MeterRelayChange:
+    """The relay of a DL/T 645 meter opened (a 1C trip) or closed again."""
+
+    time: float
+    device: str
+    address: str
+    closed: bool
+
+    def describe(self) -> str:
+        """One log line: ``meter-b relay -> OPEN``."""
+        return f"{self.device} relay -> {'CLOSED' if self.closed else 'OPEN'}"
 
 
 def _spans(points: Iterable[Point], max_gap: int) -> tuple[set[int], list[tuple[int, int]]]:
@@ -137,12 +213,18 @@ class _Device:
         for table in _TABLES:
             self.answering[table], self.gaps[table] = _spans(self.points[table], profile.max_gap)
         self.coils: dict[int, Point] = {p.address: p for p in self.points[Table.COIL]}
+        where = f"device {self.name!r} (profile {profile.id!r})"
+        self.cells: dict[Table, list[_Cell]] = {
+            t: _cells(self.points[t], where) for t in (Table.HOLDING, Table.INPUT)}
         # Register points the physics serves (refreshed on every read); the others hold what
         # was written to them, initially 0.
-        self.live: dict[Table, list[Point]] = {
-            t: [p for p in self.points[t] if is_known(p.name) and not p.writable]
-            for t in (Table.HOLDING, Table.INPUT)
-        }
+        self.live: set[str] = {p.name for t in (Table.HOLDING, Table.INPUT)
+                               for p in self.points[t] if is_known(p.name) and not p.writable}
+        # Cells composed again on every read: those with a live point, and merged bit fields
+        # (so that a write of the whole register changes only the bits a master may write).
+        self.refresh: dict[Table, list[_Cell]] = {
+            t: [c for c in cells if c.merged or any(p.name in self.live for p in c.points)]
+            for t, cells in self.cells.items()}
 
     def bits_answer(self, table: Table, address: int, count: int) -> bool:
         answering = self.answering[table]
@@ -166,13 +248,37 @@ class _Device:
             blocks.append(SimData(address=0, values=[False], datatype=DataType.BITS))
         return blocks
 
+    def _compose(self, cell: _Cell, quantities: dict[str, float], current: list[int] | None
+                 ) -> list[int]:
+        """The registers of ``cell``: live points from the model; writable points keep what
+        ``current`` holds for them (their own bits, in a merged cell; None: nothing written
+        yet, they hold 0); other points read 0."""
+        if not cell.merged:
+            p = cell.points[0]
+            if p.name in self.live:
+                return encode(lookup(quantities, p.name), p)
+            return list(current) if p.writable and current is not None else encode(0.0, p)
+        words = [0] * cell.size
+        for p in cell.points:
+            assert p.address is not None
+            at = p.address - cell.address
+            if p.name in self.live:
+                part = encode(lookup(quantities, p.name), p)
+            elif p.writable and current is not None:
+                part = [w & m for w, m in zip(current[at:at + p.size], _bit_mask(p), strict=True)]
+            else:
+                part = encode(0.0, p)
+            for i, w in enumerate(part):
+                words[at + i] |= w
+        return words
+
     def _register_block(self, table: Table) -> list[SimData]:
         quantities = self.site.physics.quantities(self.site.clock())
         blocks = []
-        for p in self.points[table]:
-            value = lookup(quantities, p.name) if p in self.live[table] else 0.0
-            blocks.append(SimData(address=p.address, values=encode(value, p),
-                                  datatype=DataType.REGISTERS, readonly=not p.writable))
+        for cell in self.cells[table]:
+            blocks.append(SimData(address=cell.address,
+                                  values=self._compose(cell, quantities, None),
+                                  datatype=DataType.REGISTERS, readonly=not cell.writable))
         for start, length in self.gaps[table]:
             blocks.append(SimData(address=start, count=length, values=0,
                                   datatype=DataType.REGISTERS, readonly=True))
@@ -211,11 +317,14 @@ class _Device:
                 self._write_registers(start_address, address, registers,
                                       [int(v) for v in set_values])
             return None
-        if not table.is_bit and self.live[table]:
+        # A write's answer (pymodbus reads the registers back for it) echoes what was written:
+        # only reads see the registers composed afresh.
+        if function_code in _REGISTER_READS and self.refresh[table]:
             quantities = self.site.physics.sample(self.site.clock())
-            for p in self.live[table]:
-                i = p.address - start_address
-                registers[i:i + p.size] = encode(lookup(quantities, p.name), p)
+            for cell in self.refresh[table]:
+                i = cell.address - start_address
+                registers[i:i + cell.size] = self._compose(cell, quantities,
+                                                           registers[i:i + cell.size])
         return None
 
     def _write_registers(self, start_address: int, address: int, registers: list[int],
@@ -304,14 +413,22 @@ def _exception(function: int, code: int) -> bytes:
 
 
 class SimulatedSite:
-    """A :class:`~lmt.config.site.SiteConfig` served over Modbus TCP and Modbus RTU lines.
+    """A :class:`~lmt.config.site.SiteConfig` served over Modbus TCP, Modbus RTU lines and
+    DL/T 645 lines.
 
-    ``wire_time``: RTU lines answer at the pace of their baud rate (see
-    :mod:`~lmt.firmware_sim.rtu`); False answers as fast as possible.
+    ``wire_time``: serial lines answer at the pace of their baud rate (see
+    :mod:`~lmt.firmware_sim.rtu`); False answers as fast as possible. ``profiles``: profiles
+    by id that take the place of the library's (a profile under test, built in code).
     """
 
     def __init__(self, config: SiteConfig, host: str | None = None, port: int | None = None,
-                 clock: Clock = time.time, wire_time: bool = True) -> None:
+                 clock: Clock = time.time, wire_time: bool = True,
+                 profiles: Mapping[str, Profile] | None = None) -> None:
+        given = dict(profiles or {})
+
+        def profile(profile_id: str) -> Profile:
+            return given[profile_id] if profile_id in given else load_profile(profile_id)
+
         self.config = config
         self.host = config.server.host if host is None else host
         self.port = config.server.port if port is None else port
@@ -321,10 +438,10 @@ class SimulatedSite:
         #: Fault injectors of every device (DL/T 645 meters included), by device name.
         self.injectors: dict[str, FaultInjector] = {
             d.name: FaultInjector(d.faults, f"{config.site.seed}:{d.name}") for d in config.devices}
-        #: Devices on DL/T 645 lines: not served by this module.
+        #: Devices on DL/T 645 lines (meters served by :attr:`dlt645_lines`).
         self.dlt645_devices: list[DeviceConfig] = [
             d for d in config.devices if d.line is not None and protocol[d.line] == "dlt645"]
-        self.devices = [_Device(self, d, load_profile(d.profile), self.injectors[d.name])
+        self.devices = [_Device(self, d, profile(d.profile), self.injectors[d.name])
                         for d in config.devices if d not in self.dlt645_devices]
         self.tcp_devices = [d for d in self.devices if d.line is None]
         #: Modbus RTU lines by name (``path`` is set once started).
@@ -335,11 +452,33 @@ class SimulatedSite:
             on = [d for d in self.devices if d.line == ln.name]
             self.rtu_lines[ln.name] = RtuLineServer(ln, self._rtu_handler(ln.name),
                                                     [d.device_id for d in on], wire_time)
+        #: DL/T 645 lines by name (``device_path`` is set once started); a line with no
+        #: meters is not opened.
+        self.dlt645_lines: dict[str, Dlt645Line] = {}
+        self._meter_names: dict[tuple[str, str], str] = {}  # (line, address) -> device name
+        for ln in config.lines:
+            meters = [d for d in self.dlt645_devices if d.line == ln.name]
+            if ln.protocol != "dlt645" or not meters:
+                continue
+            addresses = {}
+            for d in meters:
+                assert d.address is not None  # the site file's validation requires it
+                addresses[d.address] = d
+                self._meter_names[(ln.name, d.address)] = d.name
+            self.dlt645_lines[ln.name] = Dlt645Line(
+                {a: profile(d.profile) for a, d in addresses.items()},
+                self.physics.sample, clock=clock, line_settings=ln,
+                on_relay=self._meter_relay_handler(ln.name), seed=config.site.seed,
+                injectors={a: self.injectors[d.name] for a, d in addresses.items()},
+                wire_time=wire_time)
         self._cores: dict[str | None, _BusCore] = {}  # by line name; None: the TCP server
         self._decoder = _request_decoder()
         #: Coil writes by device name, oldest first.
         self.coil_writes: dict[str, list[CoilWrite]] = {d.name: [] for d in self.devices}
         self._listeners: list[Callable[[CoilChange], None]] = []
+        #: DL/T 645 meter relays that opened or closed, oldest first.
+        self.meter_relay_changes: list[MeterRelayChange] = []
+        self._relay_listeners: list[Callable[[MeterRelayChange], None]] = []
         self._tcp: _TcpServer | None = None
         self.bound_port: int | None = None
 
@@ -347,8 +486,13 @@ class SimulatedSite:
         """Call ``callback`` (in the server's event loop) whenever a coil changes state."""
         self._listeners.append(callback)
 
+    def add_meter_relay_listener(self, callback: Callable[[MeterRelayChange], None]) -> None:
+        """Call ``callback`` (in the server's event loop) whenever a DL/T 645 meter's relay
+        opens or closes."""
+        self._relay_listeners.append(callback)
+
     async def start(self) -> int:
-        """Start the TCP server and every Modbus RTU line; returns the bound TCP port."""
+        """Start the TCP server and every serial line; returns the bound TCP port."""
         if self._tcp is not None:
             raise RuntimeError("the simulated site is already started")
         self._cores = {None: _BusCore(self.tcp_devices)}
@@ -360,6 +504,8 @@ class SimulatedSite:
         try:
             for line in self.rtu_lines.values():
                 await line.start()
+            for meters in self.dlt645_lines.values():
+                await meters.start()
         except BaseException:
             await self.stop()
             raise
@@ -374,6 +520,8 @@ class SimulatedSite:
             return
         for line in self.rtu_lines.values():
             await line.stop()
+        for meters in self.dlt645_lines.values():
+            await meters.stop()
         await tcp.stop()
 
     @property
@@ -389,13 +537,29 @@ class SimulatedSite:
         return self.physics.power_kw(self.clock() if t is None else t)
 
     def line_paths(self) -> dict[str, str]:
-        """The device path of every started serial line, by line name."""
-        return {name: line.path for name, line in self.rtu_lines.items() if line.path}
+        """The device path of every started serial line (Modbus RTU and DL/T 645), by line
+        name, in the site file's order."""
+        paths: dict[str, str] = {}
+        for ln in self.config.lines:
+            rtu, dlt = self.rtu_lines.get(ln.name), self.dlt645_lines.get(ln.name)
+            if rtu is not None and rtu.path:
+                paths[ln.name] = rtu.path
+            elif dlt is not None and dlt.running:
+                paths[ln.name] = dlt.device_path
+        return paths
+
+    def meter_relay_closed(self, device_name: str) -> bool:
+        """Whether the relay of the DL/T 645 meter ``device_name`` is closed."""
+        for d in self.dlt645_devices:
+            if d.name == device_name and d.line is not None and d.address is not None:
+                return self.dlt645_lines[d.line].relay_closed(d.address)
+        raise KeyError(f"no DL/T 645 meter named {device_name!r}")
 
     # -- faults ----------------------------------------------------------------------------------
 
     def set_faults(self, device_name: str, faults: Faults) -> None:
-        """Replace the faults of a device (from now on, for every request)."""
+        """Replace the faults of a device, Modbus or DL/T 645 (from now on, for every
+        request)."""
         injector = self.injectors.get(device_name)
         if injector is None:
             raise KeyError(f"no device named {device_name!r} (devices: "
@@ -456,6 +620,21 @@ class SimulatedSite:
             return _exception(function, ExcCodes.DEVICE_FAILURE)
 
     # -- hooks -----------------------------------------------------------------------------------
+
+    def _meter_relay_handler(self, line: str) -> Callable[[str, bool], None]:
+        def on_relay(address: str, closed: bool) -> None:
+            self._meter_relay(line, address, closed)
+        return on_relay
+
+    def _meter_relay(self, line: str, address: str, closed: bool) -> None:
+        change = MeterRelayChange(self.clock(), self._meter_names[(line, address)], address,
+                                  closed)
+        self.meter_relay_changes.append(change)
+        for callback in self._relay_listeners:
+            try:
+                callback(change)
+            except Exception:
+                _log.exception("meter relay listener failed")
 
     def _coil_written(self, t: float, device: _Device, point: Point, value: bool,
                       old: bool) -> None:
@@ -584,10 +763,12 @@ async def run_site(path: Path | str, port_override: int | None = None,
 
     Once serving, writes the bound TCP port into ``ready_file`` (text, ``"5020\n"``) and, just
     before it, ``<ready_file>.json``: ``{"port": 5020, "control_port": 40123 or null,
-    "lines": {"<line>": "/dev/pts/4", ...}}``; both are removed again on stop. With
-    ``control_port`` (0: a free port), serves the control channel
-    (:mod:`~lmt.firmware_sim.control`) on 127.0.0.1. Logs each coil change (logger
-    ``lmt.firmware_sim.server``, INFO; to stderr when the program has not configured logging).
+    "lines": {"<line>": "/dev/pts/4", ...}}`` (every Modbus RTU and DL/T 645 line's
+    pseudo-terminal); both are removed again on stop. With ``control_port`` (0: a free port),
+    serves the control channel (:mod:`~lmt.firmware_sim.control`) on 127.0.0.1. Logs one line
+    per bus (with each serial line's pseudo-terminal), each coil change and each DL/T 645 meter
+    relay that opens or closes (logger ``lmt.firmware_sim.server``, INFO; to stderr when the
+    program has not configured logging).
     Raises ``ConfigError`` for a bad site file and ``OSError`` when it cannot listen.
     """
     with _log_to_stderr():
@@ -598,6 +779,14 @@ def _describe(devices: Iterable[_Device]) -> str:
     return ", ".join(f"{d.name} (id {d.device_id}, {d.profile.id})" for d in devices) or "no devices"
 
 
+def describe_dlt645_line(line: Dlt645Line) -> str:
+    """``mains (dlt645 2400 8E1) on /dev/pts/5 -> /tmp/ttyDLT``."""
+    s = line.settings
+    where = (line.device_path or "(not started)") + (f" -> {s.link}" if s.link else "")
+    return (f"{s.name} (dlt645 {s.baud or 2400} {s.byte_size}{s.parity or 'E'}{s.stop_bits}) "
+            f"on {where}")
+
+
 async def _run_site(path: Path | str, port_override: int | None, ready_file: Path | None,
                     control_port: int | None) -> None:
     from .control import ControlServer  # control imports this module
@@ -605,6 +794,7 @@ async def _run_site(path: Path | str, port_override: int | None, ready_file: Pat
     config = load_site(path)
     site = SimulatedSite(config, port=port_override)
     site.add_listener(lambda change: _log.info("%s", change.describe()))
+    site.add_meter_relay_listener(lambda change: _log.info("%s", change.describe()))
     control = ControlServer(site, port=control_port) if control_port is not None else None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -623,8 +813,13 @@ async def _run_site(path: Path | str, port_override: int | None, ready_file: Pat
         for name, line in site.rtu_lines.items():
             _log.info("lmt sim: line %s: %s", line.describe(),
                       _describe(d for d in site.devices if d.line == name))
-        for d in site.dlt645_devices:
-            _log.info("lmt sim: %s (DL/T 645 on line %s) is not served", d.name, d.line)
+        for name, meters in site.dlt645_lines.items():
+            _log.info("lmt sim: line %s: %s", describe_dlt645_line(meters), ", ".join(
+                f"{d.name} ({d.address}, {d.profile})"
+                for d in site.dlt645_devices if d.line == name))
+        for ln in config.lines:
+            if ln.protocol == "dlt645" and ln.name not in site.dlt645_lines:
+                _log.info("lmt sim: line %s (dlt645) has no meters: not opened", ln.name)
         bound_control = await control.start() if control is not None else None
         if bound_control is not None:
             _log.info("lmt sim: control channel on 127.0.0.1:%d", bound_control)

@@ -330,22 +330,24 @@ def test_link_never_replaces_a_file(tmp_path: Path) -> None:
     assert link.read_text() == "not a tty"
 
 
-def test_devices_on_dlt645_lines_are_left_alone(running: RunningSite) -> None:
+def test_devices_on_dlt645_lines_are_served_on_their_own_pty() -> None:
     base = rtu_config()
-    # DL/T 645 meters are another module's: build the config without the profile check
-    config = SiteConfig.model_construct(
+    config = SiteConfig(
         site=base.site, server=base.server, loads=base.loads,
         lines=[*base.lines, SimLine(name="mains", protocol="dlt645")],
-        devices=[*base.devices, SimDevice(name="dlt-meter", profile="any-dlt645-meter",
+        devices=[*base.devices, SimDevice(name="dlt-meter", profile="dlt645-2007-3phase",
                                           line="mains", address="000000000001")])
     site = SimulatedSite(config, port=0, clock=lambda: T0)
     assert [d.name for d in site.dlt645_devices] == ["dlt-meter"]
-    assert set(site.rtu_lines) == {"rs485"}
-    site.set_faults("dlt-meter", Faults(offline=True))  # kept for the DL/T 645 server
+    assert set(site.rtu_lines) == {"rs485"} and set(site.dlt645_lines) == {"mains"}
+    site.set_faults("dlt-meter", Faults(offline=True))  # the DL/T 645 line draws from it
     assert site.faults("dlt-meter").offline
+    assert site.dlt645_lines["mains"].faults("000000000001").offline
     rs = RunningSite(site)
     try:
         assert rs.line.path is not None
+        assert site.line_paths() == {"rs485": rs.line.path,
+                                     "mains": site.dlt645_lines["mains"].device_path}
         m = RawRtu(rs.line.path)
         try:
             assert m.transact(RELAYS, struct.pack(">BHH", 1, 0, 1), 3) == bytes([1, 1, 1])

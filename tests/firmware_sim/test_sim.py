@@ -25,7 +25,8 @@ import pytest
 
 import lmt.config
 from lmt.config import SiteConfig, load_site
-from lmt.config.profiles import DataType, Point, Table
+from lmt.config.profiles import DataType, Point, Profile, Table
+from lmt.config.site import SimDevice, SimServer, SiteInfo
 from lmt.firmware_sim import CoilChange, SimulatedSite, SitePhysics, run_site
 from lmt.firmware_sim.cli import main as sim_main
 from lmt.firmware_sim.encoding import encode
@@ -535,3 +536,63 @@ def test_encoding() -> None:
     assert encode(math.nan, _point(DataType.UINT16)) == [0]
     words = encode(12345.678, _point(DataType.FLOAT64))
     assert struct.unpack(">d", struct.pack(">4H", *words))[0] == 12345.678
+
+
+# -- bit fields that share a register ------------------------------------------------------------
+
+
+def _bits_profile(*extra: Point) -> Profile:
+    """A status word (holding register 300) of four bit fields, built here, not from a file:
+    bit 0 ``ev_charging`` and bit 1 ``ev_available`` come from the model, bit 2 is a name the
+    model does not know, bit 3 is writable; the charging current setpoint follows at 302."""
+    def bit(name: str, n: int, writable: bool = False) -> Point:
+        return Point(name=name, table=Table.HOLDING, address=300, type=DataType.UINT16, bit=n,
+                     writable=writable)
+    return Profile(id="test-status-word", vendor="test", model="status word", kind="load",
+                   source="this test", max_gap=0, points=(
+                       bit("ev_charging", 0), bit("ev_available", 1), bit("door_open", 2),
+                       bit("remote_enable", 3, writable=True),
+                       Point(name="ev_setpoint_a", table=Table.HOLDING, address=302,
+                             type=DataType.FLOAT32, writable=True),
+                       *extra))
+
+
+def _one_device_site(profile: Profile) -> SiteConfig:
+    # model_construct: the profile is not in the library, which the site file's check requires
+    return SiteConfig.model_construct(
+        site=SiteInfo(seed=3), server=SimServer(port=0), lines=[], loads=[],
+        devices=[SimDevice(name="dut", profile=profile.id, device_id=5)])
+
+
+def test_bit_fields_of_one_register_are_merged() -> None:
+    profile = _bits_profile()
+    site = SimulatedSite(_one_device_site(profile), port=0, clock=FakeClock(T0),
+                         profiles={profile.id: profile})
+    rs = RunningSite(site)
+    try:
+        with RawClient(rs.port) as c:
+            # not charging (setpoint 0 A), available: bit 1 only
+            assert c.read_registers(5, 3, 300, 1) == [0b0010]
+            # a write of the whole register: only the writable bit 3 takes it
+            request = struct.pack(">BHH", 6, 300, 0xFFFF)
+            assert c.transact(5, request) == request
+            assert c.read_registers(5, 3, 300, 1) == [0b1010]
+            assert site.physics.ev_setpoint_a == 0.0
+            # 16 A: the car charges, bit 0 follows the model
+            words = struct.unpack(">2H", struct.pack(">f", 16.0))
+            c.transact(5, struct.pack(">BHHB2H", 16, 302, 2, 4, *words))
+            assert site.physics.ev_setpoint_a == 16.0
+            assert c.read_registers(5, 3, 300, 1) == [0b1011]
+            # clearing the register clears the writable bit; the model's bits stay
+            c.transact(5, struct.pack(">BHH", 6, 300, 0))
+            assert c.read_registers(5, 3, 300, 1) == [0b0011]
+    finally:
+        rs.stop()
+
+
+def test_other_overlapping_points_are_refused() -> None:
+    profile = _bits_profile(Point(name="power_w", table=Table.HOLDING, address=303,
+                                  type=DataType.FLOAT32))  # overlaps the setpoint's low word
+    with pytest.raises(ValueError, match=r"points ev_setpoint_a, power_w overlap at register "
+                                         r"302; only bit fields"):
+        SimulatedSite(_one_device_site(profile), port=0, profiles={profile.id: profile})
