@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from lmt.config.agent import SERIAL_DEFAULTS
 from lmt.config.profiles import Profile, Table, available_profiles, load_profile
 from lmt.drivers.errors import DeviceException, DeviceUnavailable, DriverError
 from lmt.drivers.modbus_tcp import ModbusDevice, ModbusTcpBus
@@ -44,11 +45,15 @@ class Target:
 
     @property
     def baud_rate(self) -> int:
-        return self.baud or (2400 if self.protocol == "dlt645" else 9600)
+        return self.baud or SERIAL_DEFAULTS[self._line_protocol][0]
 
     @property
     def parity_bit(self) -> str:
-        return self.parity or ("E" if self.protocol == "dlt645" else "N")
+        return self.parity or SERIAL_DEFAULTS[self._line_protocol][1]
+
+    @property
+    def _line_protocol(self) -> str:
+        return "dlt645" if self.protocol == "dlt645" else "modbus-rtu"
 
 
 def make_modbus_bus(t: Target) -> Any:

@@ -92,6 +92,8 @@ class Poll(_Strict):
 
 
 SerialParity = Literal["N", "E", "O"]
+# (baud, parity) a serial line uses unless configured: the common field settings per protocol
+SERIAL_DEFAULTS: dict[str, tuple[int, str]] = {"modbus-rtu": (9600, "N"), "dlt645": (2400, "E")}
 
 
 class Line(_Strict):
@@ -117,11 +119,11 @@ class Line(_Strict):
 
     @property
     def baud_rate(self) -> int:
-        return self.baud or (2400 if self.protocol == "dlt645" else 9600)
+        return self.baud or SERIAL_DEFAULTS[self.protocol][0]
 
     @property
     def parity_bit(self) -> str:
-        return self.parity or ("E" if self.protocol == "dlt645" else "N")
+        return self.parity or SERIAL_DEFAULTS[self.protocol][1]
 
 
 class Sync(_Strict):
