@@ -114,6 +114,41 @@ def _command_body(args: argparse.Namespace) -> dict:
     return command_body("cancel", args.terminal, target=args.target, **common)
 
 
+_TLS_FLAGS = {"ca_file": "--cafile", "cert_file": "--client-cert", "key_file": "--client-key"}
+
+
+def _broker_options(args: argparse.Namespace) -> Any:
+    """TLS and credentials from --tls, --cafile, --client-cert, --client-key, --insecure,
+    --username, --password-file. Raises ValueError naming the option at fault."""
+    from pydantic import ValidationError
+
+    from lmt.config.agent import Tls
+    from lmt.config.errors import validation_problems
+
+    from .platform import BrokerOptions
+
+    tls = None
+    if args.tls or args.cafile or args.client_cert or args.client_key or args.insecure:
+        try:
+            tls = Tls(ca_file=args.cafile, cert_file=args.client_cert, key_file=args.client_key,
+                      insecure=args.insecure)
+        except ValidationError as exc:
+            raise ValueError("; ".join(
+                f"{_TLS_FLAGS.get(k, 'TLS')}: {m}"
+                for k, m in validation_problems(exc))) from None
+    password = None
+    if args.password_file:
+        if not args.username:
+            raise ValueError("--password-file needs --username")
+        try:
+            lines = Path(args.password_file).read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"--password-file: cannot read {args.password_file}: "
+                             f"{exc.strerror}") from None
+        password = lines[0] if lines else ""
+    return BrokerOptions(tls=tls, username=args.username, password=password)
+
+
 def cmd_platform(args: argparse.Namespace) -> int:
     from .platform import send, sign_command_file, watch
     from .security import generate_keypair
@@ -130,6 +165,13 @@ def cmd_platform(args: argparse.Namespace) -> int:
     if args.action == "sign":
         print(sign_command_file(Path(args.key), _command_body(args)))
         return 0
+    options = None
+    if args.action in ("send", "watch"):
+        try:
+            options = _broker_options(args)
+        except ValueError as exc:
+            print(f"lmt platform {args.action}: {exc}", file=sys.stderr)
+            return 2
     if args.action == "send":
         host, port = args.broker
         if args.raw:
@@ -151,7 +193,7 @@ def cmd_platform(args: argparse.Namespace) -> int:
 
         try:
             results = send(host, port, args.prefix, args.terminal, payload, wait=args.wait,
-                           timeout_s=args.timeout, out=show)
+                           timeout_s=args.timeout, out=show, options=options)
         except (ConnectionError, TimeoutError) as exc:
             print(f"lmt platform send: {exc}", file=sys.stderr)
             return 1
@@ -163,7 +205,7 @@ def cmd_platform(args: argparse.Namespace) -> int:
         host, port = args.broker
         try:
             tracker = watch(host, port, args.prefix, args.terminal, as_json=args.json,
-                            duration_s=args.duration, count=args.count)
+                            duration_s=args.duration, count=args.count, options=options)
         except ConnectionError as exc:
             print(f"lmt platform watch: {exc}", file=sys.stderr)
             return 1
@@ -217,6 +259,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     async def go() -> Any:
         bus = ft.make_modbus_bus(target)
         try:
+            await ft.open_target(target, bus)
             if raw is not None:
                 return await ft.read_raw(bus, args.device_id, raw)
             assert profile is not None
@@ -227,8 +270,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     try:
         got = ft.run(go())
     except DriverError as exc:
-        print(f"lmt read: {target.describe()}: {exc}", file=sys.stderr)
-        return 1
+        return ft.report_error("read", target, exc, args.json)
     if raw is not None:
         if args.json:
             ft.dump_json({"table": raw.table.value, "address": raw.address, "values": got})
@@ -268,16 +310,21 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     async def go() -> list[Any]:
         bus = ft.make_modbus_bus(target)
+
+        async def reopen() -> None:
+            await ft.open_target(target, bus)
+
         try:
-            return await ft.scan_modbus(bus, ids, ft.Progress(), identify=not args.no_identify)
+            await reopen()  # a port that cannot be used is an error, not "0 found"
+            return await ft.scan_modbus(bus, ids, ft.Progress(), identify=not args.no_identify,
+                                        reopen=reopen)
         finally:
             bus.close()
 
     try:
         found = ft.run(go())
     except DriverError as exc:
-        print(f"lmt scan: {target.describe()}: {exc}", file=sys.stderr)
-        return 1
+        return ft.report_error("scan", target, exc, args.json)
     if args.json:
         ft.dump_json({"target": target.describe(), "found": [
             {"device_id": f.device_id, "answered": f.answered, "profile": f.profile}
@@ -336,10 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("sim", help="serve a simulated site over Modbus TCP",
-                       description="Serve a simulated site (meters, relay modules, loads) over "
-                       "Modbus TCP, for testing without hardware. See docs/simulator.md.")
+    from lmt.firmware_sim.cli import DESCRIPTION as SIM_DESCRIPTION
     from lmt.firmware_sim.cli import add_arguments as add_sim_arguments
+
+    s = sub.add_parser("sim", help="serve a simulated site: Modbus TCP, RTU and DL/T 645 lines",
+                       description=SIM_DESCRIPTION)
 
     add_sim_arguments(s)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -376,6 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
         ca = kinds.add_parser("cancel", help="end an active command early")
         ca.add_argument("--target", required=True, help="id of the command to cancel")
 
+    def add_broker_options(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("broker connection (as the agent's [mqtt] and [mqtt.tls])")
+        g.add_argument("--tls", action="store_true",
+                       help="TLS, trusting the system's CAs (implied by --cafile, --client-cert)")
+        g.add_argument("--cafile", metavar="FILE", help="CA certificate(s) the broker's "
+                       "certificate must chain to (PEM)")
+        g.add_argument("--client-cert", metavar="FILE",
+                       help="client certificate (PEM), with --client-key")
+        g.add_argument("--client-key", metavar="FILE", help="its private key (PEM)")
+        g.add_argument("--insecure", action="store_true",
+                       help="skip the broker hostname check (the chain is still verified)")
+        g.add_argument("--username", help="broker user name")
+        g.add_argument("--password-file", metavar="FILE",
+                       help="file whose first line is the broker password")
+
     sg = pls.add_parser("sign", help="print a signed command (JSON) without sending it")
     add_command_args(sg, required=True)
     sd = pls.add_parser("send", help="sign and publish a command; print the terminal's answers",
@@ -390,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--json", action="store_true", help="print results as JSON lines")
     sd.add_argument("--raw", metavar="FILE", help="publish this signed command as it is "
                     "(from `lmt platform sign`; - for stdin)")
+    add_broker_options(sd)
     add_command_args(sd, required=False)
     w = pls.add_parser("watch", help="print telemetry, events and results as they arrive",
                        description="Subscribe to terminals' topics; de-duplicate by (terminal, "
@@ -400,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--json", action="store_true", help="one JSON object per record")
     w.add_argument("--duration", type=parse_duration, help="stop after this long")
     w.add_argument("--count", type=int, help="stop after this many records")
+    add_broker_options(w)
     pl.set_defaults(func=cmd_platform)
 
     def add_target(sp: argparse.ArgumentParser) -> None:

@@ -23,19 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessageInfo
+from paho.mqtt.client import MQTTMessageInfo
 
 from lmt.config.agent import AgentConfig
+from lmt.config.agent import Device as DeviceConfig
 from lmt.control import CapParams, LoadSpec, LoadState, decide_cap, decide_release, warmup
 from lmt.drivers.errors import DriverError
 
 from . import lmt_version
-from .buffer import STREAMS, Buffer, Record
+from .buffer import Buffer, Record
 from .devices import build_devices, due_names, transport_of
 from .health import DeviceHealth, HealthPolicy
 from .messages import CancelCommand, CapCommand, Command, ShedCommand, Status
 from .mqtt import MqttLink, Topics
 from .security import Refusal, load_public_key, verify_command
+from .sync import Syncer
 
 log = logging.getLogger("lmt.agent")
 
@@ -67,10 +69,10 @@ class Agent:
         self.config_hash = hashlib.sha256(raw).hexdigest()
         self.session = int(time.time() * 1000)
         self.public_key = load_public_key(cfg.security.platform_public_key)
-        self.buffer = Buffer(cfg.buffer.path)
+        self.buffer = Buffer(cfg.buffer.path, max_mb=cfg.buffer.max_mb)
         self.devices, self.transports = build_devices(cfg)
         self._last_read: dict[str, dict[str, float]] = {name: {} for name in self.devices}
-        self.health = {name: DeviceHealth(self._policy(d.offline_after_s)) for name, d in
+        self.health = {name: DeviceHealth(self._policy(d)) for name, d in
                        zip(self.devices, cfg.devices, strict=True)}
         self.latest: dict[str, tuple[float, dict[str, float | bool | None]]] = {}
         meter = self.devices[cfg.control.main_meter].profile.point(cfg.control.power_point)
@@ -93,13 +95,18 @@ class Agent:
         self.wake = asyncio.Event()
         self.sync_wake = asyncio.Event()
         self.link: MqttLink | None = None
+        self.syncer: Syncer | None = None
 
-    def _policy(self, offline_after_s: float | None) -> HealthPolicy:
+    def _policy(self, d: DeviceConfig) -> HealthPolicy:
+        """A device's health policy: response timeouts per transaction, from its line's own
+        ``timeout_s`` when it has one (the adaptive ceiling is raised to it if need be)."""
         p = self.cfg.poll
-        return HealthPolicy(timeout_s=p.timeout_s, min_timeout_s=p.min_timeout_s,
-                            max_timeout_s=p.max_timeout_s,
-                            offline_after_s=p.offline_after_s if offline_after_s is None
-                            else offline_after_s,
+        line = self.cfg.line(d.line) if d.line is not None else None
+        timeout = line.timeout_s if line is not None and line.timeout_s else p.timeout_s
+        return HealthPolicy(timeout_s=timeout, min_timeout_s=p.min_timeout_s,
+                            max_timeout_s=max(p.max_timeout_s, timeout),
+                            offline_after_s=p.offline_after_s if d.offline_after_s is None
+                            else d.offline_after_s,
                             retry_interval_s=p.interval_s, backoff_max_s=p.backoff_max_s)
 
     # -- records ------------------------------------------------------------------------------
@@ -132,7 +139,8 @@ class Agent:
 
     # -- polling ------------------------------------------------------------------------------
     async def poll_devices(self) -> set[str]:
-        """Read every device that is due; return the names read successfully."""
+        """Read every device that is due; return the names read successfully (also when some
+        of their points failed: those are reported by :meth:`_points_changed`)."""
         fresh: set[str] = set()
         for name, dev in self.devices.items():
             h = self.health[name]
@@ -144,25 +152,35 @@ class Agent:
                               self.cfg.poll.slow_interval_s)
             if not names:
                 continue
+            # The timeout is per transaction: a read of n requests gets n timeouts, plus the
+            # time its frames take on a serial line.
+            n, wire = dev.transactions(names), dev.wire_time_s(names)
+            deadline = h.deadline_s(n, wire)
             try:
-                values = await asyncio.wait_for(dev.read_points(names), h.timeout_s)
+                values = await asyncio.wait_for(dev.read_points(names, partial=True), deadline)
             except (DriverError, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError):
                     transport_of(dev).close()  # drop the half-finished transaction
-                error = str(exc) or f"no answer within {h.timeout_s:.2f} s"
+                error = str(exc) or (f"no answer within {deadline:.2f} s ({n} requests, "
+                                     f"{h.timeout_s:.2f} s each)")
                 urgent = self.active is not None and name == self.cfg.control.main_meter
                 if h.failure(self.mono(), error, urgent=urgent):
                     log.warning("device %s offline: %s", name, error)
                     self.event("device_offline", device=name, error=error,
                                failing_s=round(self.mono() - (h.failing_since or t0), 3))
                 continue
-            if h.success(self.mono(), self.mono() - t0):
+            elapsed = self.mono() - t0
+            if h.success(self.mono(), max(0.0, elapsed - wire) / max(1, n)):
                 log.info("device %s back online", name)
                 self.event("device_online", device=name)
+            self._points_changed(name, names, values, dev.last_failures)
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                      for k, v in values.items()}
             last.update(dict.fromkeys(clean, t0))
             merged = {**self.latest[name][1], **clean} if name in self.latest else clean
+            for points, _ in dev.last_failures:  # never taken for fresh (control, load states)
+                for p in points:
+                    merged.pop(p, None)
             self.latest[name] = (self.mono(), merged)
             self._pending_readings.append({"ts": ts, "device": name, "values": clean})
             fresh.add(name)
@@ -170,6 +188,20 @@ class Agent:
         if self.mono() + self.cfg.poll.interval_s > self._last_flush + self.cfg.buffer.flush_interval_s:
             self.flush_readings()
         return fresh
+
+    def _points_changed(self, name: str, asked: list[str], values: dict[str, Any],
+                        failures: list[tuple[tuple[str, ...], DriverError]]) -> None:
+        """Points of an answering device that failed (an exception for one block, a refused
+        data identifier) are left out of its reading, so they stay due; an event says when
+        the set of failing points changes, not every cycle."""
+        newly, recovered = self.health[name].points_read(
+            asked, values, [(points, str(exc)) for points, exc in failures])
+        for points, error in newly:
+            log.warning("device %s: cannot read %s: %s", name, ", ".join(points), error)
+            self.event("points_failed", device=name, points=points, error=error)
+        if recovered:
+            log.info("device %s: %s read again", name, ", ".join(recovered))
+            self.event("points_recovered", device=name, points=recovered)
 
     def site_kw(self, max_age_s: float | None = None) -> float | None:
         got = self.latest.get(self.cfg.control.main_meter)
@@ -210,11 +242,17 @@ class Agent:
             self.buffer.set_shed(ld.name, command_id, self.clock())
         try:
             await self.devices[ld.device].write_coil(ld.point, on)
-        except DriverError as exc:
-            log.warning("switching %s %s failed: %s", ld.name, "on" if on else "off", exc)
+        except Exception as exc:  # a failed switch must never stop the cycle
+            if isinstance(exc, DriverError):
+                error = str(exc)
+                log.warning("switching %s %s failed: %s", ld.name, "on" if on else "off", error)
+            else:  # a bug or a configuration the validation missed: say so, carry on
+                error = f"{type(exc).__name__}: {exc}"
+                log.exception("switching %s %s failed unexpectedly", ld.name,
+                              "on" if on else "off")
             self._retry_switch[idx] = self.mono() + SWITCH_RETRY_S
             st.available = False
-            self.event("switch_failed", load=ld.name, on=on, error=str(exc),
+            self.event("switch_failed", load=ld.name, on=on, error=error,
                        command_id=command_id)
             return False
         st.is_on = on
@@ -372,62 +410,45 @@ class Agent:
                    end_at=round(now + duration, 3))
 
     # -- sync -----------------------------------------------------------------------------
-    def _batch_payload(self, stream: str, recs: list[Record], now: float) -> str:
-        historical = now - recs[-1].ts > max(10.0, 5 * self.cfg.poll.interval_s)
-        return json.dumps({
-            "terminal": self.terminal, "stream": stream, "historical": historical,
-            "records": [{"seq": r.seq, **r.body} for r in recs],
-        }, separators=(",", ":"))
+    def _publish_batch(self, stream: str, batch: tuple[int, int, str],
+                       historical: bool) -> MQTTMessageInfo:
+        """One message of consecutive records. Their stored JSON bodies were joined by the
+        buffer (:meth:`Buffer.pending_batch`), never decoded and encoded again."""
+        assert self.link is not None
+        payload = (f'{{"terminal":{json.dumps(self.terminal)},"stream":"{stream}",'
+                   f'"historical":{"true" if historical else "false"},"records":[{batch[2]}]}}')
+        return self.link.publish(self.topics.for_stream(stream), payload)
 
     async def sync_loop(self, stop: asyncio.Event) -> None:
         link = self.link
         assert link is not None
-        inflight: dict[str, deque[tuple[int, MQTTMessageInfo]]] = {s: deque() for s in STREAMS}
-        sent = {s: self.buffer.delivered_seq(s) for s in STREAMS}
+        sc = self.cfg.sync
+        # sync.max_inflight messages on the wire (the link's window); as many again handed to
+        # paho, ready to go the moment an acknowledgement frees a slot (no round trip through
+        # this task per message)
+        syncer = self.syncer = Syncer(self.buffer, self._publish_batch, sc.max_batch,
+                                      2 * sc.max_inflight, sc.backlog_rate)
         gen = -1
-        while True:
-            if link.connected:
-                if link.generation != gen:  # new connection: resend all that is unacknowledged
-                    gen = link.generation
-                    for s in STREAMS:
-                        inflight[s].clear()
-                        sent[s] = self.buffer.delivered_seq(s)
-                self._collect_acks(inflight)
-                self._send_pending(inflight, sent)
-            if stop.is_set() and not any(inflight.values()):
-                return
-            busy = any(inflight.values())
-            self.sync_wake.clear()
-            try:
-                await asyncio.wait_for(self.sync_wake.wait(), 0.02 if busy else 0.5)
-            except TimeoutError:
-                pass
-
-    def _collect_acks(self, inflight: dict[str, deque[tuple[int, MQTTMessageInfo]]]) -> None:
-        for s, q in inflight.items():
-            upto = None
-            while q and q[0][1].is_published():
-                upto = q.popleft()[0]
-            if upto is not None:
-                self.buffer.mark_delivered(s, upto)
-
-    def _send_pending(self, inflight: dict[str, deque[tuple[int, MQTTMessageInfo]]],
-                      sent: dict[str, int]) -> None:
-        assert self.link is not None
-        total = sum(len(q) for q in inflight.values())
-        now = self.clock()
-        for s in STREAMS:  # results first, then events, then telemetry
-            while total < self.cfg.sync.max_inflight:
-                recs = self.buffer.pending(s, sent[s], self.cfg.sync.max_batch)
-                if not recs:
-                    break
-                info = self.link.publish(self.topics.for_stream(s),
-                                         self._batch_payload(s, recs, now))
-                if info.rc != MQTT_ERR_SUCCESS:
+        try:
+            while True:
+                self.sync_wake.clear()  # before looking: a wake-up from now on is not lost
+                if link.connected:
+                    if link.generation != gen:  # new connection: resend what is unacknowledged
+                        gen = link.generation
+                        syncer.connected()
+                    syncer.collect_acks()
+                    syncer.send_pending(backlog=not stop.is_set())  # stopping: no new history
+                else:
+                    syncer.collect_acks()  # acknowledged before the connection dropped
+                if stop.is_set() and not syncer.inflight:
                     return
-                inflight[s].append((recs[-1].seq, info))
-                sent[s] = recs[-1].seq
-                total += 1
+                wait = syncer.wait_s() if link.connected else 0.5
+                try:
+                    await asyncio.wait_for(self.sync_wake.wait(), 0.5 if wait is None else wait)
+                except TimeoutError:
+                    pass
+        finally:
+            syncer.save_acks()
 
     # -- main ------------------------------------------------------------------------------
     async def cycle_loop(self, stop: asyncio.Event) -> None:
@@ -460,8 +481,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         warmup()  # loads the compiled kernels from numba's disk cache: no compile mid-command
         self.link = MqttLink(self.cfg.mqtt, self.terminal, self.topics, loop,
-                             self.receive_command, self.status_payload)
+                             self.receive_command, self.status_payload,
+                             inflight_window=self.cfg.sync.max_inflight)
         self.event("agent_started", version=lmt_version(), config_hash=self.config_hash)
+        self.link.on_ack = self.sync_wake.set
+        # the sync refills in steps of a quarter window: wake it about as often
+        self.link.ack_wake_every = max(1, self.cfg.sync.max_inflight // 4)
         self.link.start()
         log.info("terminal %s started: %d devices, %d loads, broker %s:%d", self.terminal,
                  len(self.devices), len(self.load_specs), self.cfg.mqtt.host, self.cfg.mqtt.port)

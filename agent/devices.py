@@ -1,8 +1,10 @@
 """Build the agent's devices from its configuration: every protocol behind one interface.
 
-A device reads its points (``read_points(names)``), may write them (Modbus), and has a
-transport (a TCP connection, or a serial line shared by the devices on it) that the agent
-resets after a timeout.
+A device reads its points (``read_points(names, partial=True)``: what could be read, the
+blocks or data identifiers that failed in ``last_failures``), says what a read costs
+(``transactions(names)`` requests, ``wire_time_s(names)`` on a serial line: the agent's
+deadline for the read), may write them (Modbus), and has a transport (a TCP connection, or a
+serial line shared by the devices on it) that the agent resets after a timeout.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, Protocol
 from lmt.config.agent import AgentConfig
 from lmt.config.profiles import Profile, load_profile
 from lmt.drivers.dlt645 import Dlt645Meter
+from lmt.drivers.errors import DriverError
 from lmt.drivers.modbus import ModbusBus, ModbusDevice, ModbusTcpBus
 from lmt.drivers.modbus_rtu import ModbusRtuBus
 from lmt.drivers.plan import due_points
@@ -25,8 +28,14 @@ class Transport(Protocol):
 class Device(Protocol):
     name: str
     profile: Profile
+    last_failures: list[tuple[tuple[str, ...], DriverError]]
 
-    async def read_points(self, names: Any = None) -> dict[str, Any]: ...
+    async def read_points(self, names: Any = None, *, partial: bool = False
+                          ) -> dict[str, Any]: ...
+
+    def transactions(self, names: Any = None) -> int: ...
+
+    def wire_time_s(self, names: Any = None) -> float: ...
 
 
 def transport_of(dev: Any) -> Transport:

@@ -2,22 +2,35 @@
 
 Both speak Modbus TCP, Modbus RTU and DL/T 645, print for people by default and JSON with
 ``--json``, and turn every failure into one specific sentence (port busy, permission denied,
-no answer, exception code and its meaning).
+no answer, exception code and its meaning); with ``--json`` the failure is also a JSON object
+on stdout (:func:`error_json`). Before asking anything, both open the port or connect once
+(:func:`open_target`), so a port that cannot be used is reported as such (:class:`PortError`),
+never as "no device answered".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import math
+import re
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from lmt.config.agent import SERIAL_DEFAULTS
 from lmt.config.profiles import Profile, Table, available_profiles, load_profile
-from lmt.drivers.errors import DeviceException, DeviceUnavailable, DriverError
+from lmt.drivers.errors import (
+    EXCEPTION_CODES,
+    DeviceException,
+    DeviceUnavailable,
+    DriverError,
+    VerificationError,
+)
 from lmt.drivers.modbus_tcp import ModbusDevice, ModbusTcpBus
 
 TABLE_FUNCTION = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}
@@ -64,6 +77,131 @@ def make_modbus_bus(t: Target) -> Any:
 
     return ModbusRtuBus(t.serial, baud=t.baud_rate, parity=t.parity_bit, stop_bits=t.stop_bits,
                         byte_size=t.byte_size, timeout_s=t.timeout_s)
+
+
+# -- the port --------------------------------------------------------------------------------
+class PortError(DeviceUnavailable):
+    """The port cannot be opened or the connection made: nothing on it has been asked yet.
+
+    ``kind``: ``no-such-port``, ``permission-denied``, ``port-busy``, ``port-error`` (serial);
+    ``connection-refused``, ``connect-timeout``, ``unknown-host``, ``host-unreachable``,
+    ``connect-failed`` (TCP).
+    """
+
+    def __init__(self, device: str, message: str, kind: str) -> None:
+        self.kind = kind
+        self.message = message
+        super().__init__(device, message)
+
+
+def _serial_port_error(port: str, exc: DeviceUnavailable) -> PortError:
+    """The serial line's or the RTU bus's open error as a PortError of its kind."""
+    message = str(exc).removeprefix(f"{exc.device}: ")
+    if message.startswith("no such serial port"):
+        kind = "no-such-port"
+    elif message.startswith("permission denied"):
+        kind = "permission-denied"
+    elif " is busy" in message:
+        kind = "port-busy"
+    else:
+        kind = "port-error"
+    return PortError(port, message, kind)
+
+
+async def check_tcp(host: str, port: int, timeout_s: float) -> None:
+    """Connect once to ``host:port`` and close again; raises :class:`PortError` saying why not."""
+    name = f"{host}:{port}"
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except ConnectionRefusedError:
+        raise PortError(name, f"connection refused: nothing listens on {host} port {port} "
+                        "(wrong port, or the device's Modbus TCP server is off)",
+                        "connection-refused") from None
+    except TimeoutError:
+        raise PortError(name, f"no connection within {timeout_s:g} s: {host} does not answer on "
+                        f"port {port} (wrong address, device off, or a firewall)",
+                        "connect-timeout") from None
+    except socket.gaierror as exc:
+        raise PortError(name, f"unknown host {host!r} ({exc.strerror})", "unknown-host") from None
+    except OSError as exc:
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            raise PortError(name, f"cannot reach {host}: {exc.strerror} (check the address, the "
+                            "cable and the network settings)", "host-unreachable") from None
+        raise PortError(name, f"cannot connect: {exc.strerror or exc}", "connect-failed") from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def open_target(t: Target, conn: Any) -> None:
+    """Open the port of ``t`` (``conn``: its RTU bus or DL/T 645 serial line) or connect once to
+    its TCP endpoint; raises :class:`PortError` when that cannot be done."""
+    if t.tcp:
+        await check_tcp(t.tcp[0], t.tcp[1], t.timeout_s)
+        return
+    try:
+        if t.protocol == "dlt645":
+            conn.open()
+        else:
+            await conn.ensure_connected()
+    except PortError:
+        raise
+    except DeviceUnavailable as exc:
+        raise _serial_port_error(t.serial or "", exc) from exc
+
+
+def error_message(t: Target, exc: DriverError) -> str:
+    """The error's sentence, without repeating the port or endpoint the target names."""
+    if isinstance(exc, PortError):
+        return exc.message
+    text = str(exc)
+    own = {t.serial, f"{t.tcp[0]}:{t.tcp[1]}" if t.tcp else None} - {None}
+    if exc.device in own:
+        text = text.removeprefix(f"{exc.device}: ")
+    return text
+
+
+def error_json(t: Target, exc: DriverError) -> dict[str, Any]:
+    """``{"target": …, "error": {"kind": …, "message": …, …}}`` for ``--json``."""
+    from lmt.drivers.dlt645 import Dlt645FrameError, Dlt645Refused
+    from lmt.drivers.serial_line import NoisyLine
+
+    err: dict[str, Any] = {"message": error_message(t, exc), "device": exc.device}
+    if isinstance(exc, PortError):
+        err["kind"] = exc.kind
+    elif isinstance(exc, Dlt645Refused):
+        err.update(kind="refused", function=f"{exc.function:02X}", code=exc.code,
+                   meanings=exc.meanings)
+    elif isinstance(exc, DeviceException):
+        err.update(kind="exception", function=exc.function, code=exc.code,
+                   meaning=EXCEPTION_CODES.get(exc.code, "unknown exception"))
+    elif isinstance(exc, NoisyLine):
+        err["kind"] = "noise"
+    elif isinstance(exc, Dlt645FrameError):
+        err["kind"] = "bad-answer"
+    elif isinstance(exc, DeviceUnavailable):
+        text = str(exc)
+        if "no answer within" in text:
+            err["kind"] = "no-answer"
+        elif any(k in text for k in ("bytes of noise", "garbled", "CRC error", "incomplete",
+                                     "checksum")):
+            err["kind"] = "bad-answer"
+        else:
+            err["kind"] = "unavailable"
+    elif isinstance(exc, VerificationError):
+        err["kind"] = "verification"
+    else:
+        err["kind"] = "error"
+    return {"target": t.describe(), "error": {"kind": err.pop("kind"), **err}}
+
+
+def report_error(command: str, t: Target, exc: DriverError, as_json: bool) -> int:
+    """Print the failure (one sentence on stderr; with ``as_json`` also the JSON object on
+    stdout); returns the exit code, 1."""
+    print(f"lmt {command}: {t.describe()}: {error_message(t, exc)}", file=sys.stderr)
+    if as_json:
+        dump_json(error_json(t, exc))
+    return 1
 
 
 # -- read ------------------------------------------------------------------------------------
@@ -141,12 +279,19 @@ PLAUSIBLE: dict[str, tuple[float, float]] = {
 }
 
 
+# Line-to-line voltages (voltage_l1_l2_v …): 208 V (US 120/208) to 480 V (US 277/480), with room.
+LINE_TO_LINE = re.compile(r"_l\d_l\d_")
+PLAUSIBLE_LL_VOLTAGE = (140.0, 520.0)
+
+
 def plausibility(values: dict[str, Any]) -> float:
     """Share of values that look like a real device's (voltages, frequency, power factor)."""
     checked = ok = 0
     for name, v in values.items():
         for key, (lo, hi) in PLAUSIBLE.items():
             if key in name and isinstance(v, float):
+                if key == "voltage" and LINE_TO_LINE.search(name):
+                    lo, hi = PLAUSIBLE_LL_VOLTAGE
                 checked += 1
                 ok += lo <= v <= hi
     return ok / checked if checked else 0.5
@@ -187,12 +332,21 @@ async def suggest_profile(bus: Any, device_id: int, kinds: tuple[str, ...] = ("m
 
 
 async def scan_modbus(bus: Any, ids: list[int], progress: Callable[[int, int, str], None],
-                      identify: bool = True) -> list[Found]:
+                      identify: bool = True,
+                      reopen: Callable[[], Awaitable[None]] | None = None) -> list[Found]:
+    """Probe ``ids``; suggest a profile for each device found (``identify``).
+
+    A probe without an answer counts as "nobody there" only while the port is still usable:
+    when the bus has lost its connection, ``reopen`` (:func:`open_target`) is called, and the
+    :class:`PortError` it raises (adapter unplugged, gateway gone) ends the scan.
+    """
     found: list[Found] = []
     for n, i in enumerate(ids, 1):
         got = await probe(bus, i)
         progress(n, len(ids), f"id {i}: {'found' if got else '-'}")
         if got is None:
+            if reopen is not None and not bus.connected:
+                await reopen()
             continue
         f = Found(i, got)
         if identify:
@@ -248,45 +402,69 @@ PROBE_DI = "04000401"  # communication address: any reply (even "no data") names
 
 
 def make_serial_line(t: Target) -> Any:
-    from lmt.drivers.serial_line import SerialLine
+    """The serial line of ``t``, with its protocol's idle gap before each request."""
+    from lmt.drivers.serial_line import SerialLine, dlt645_silence_s, modbus_rtu_silence_s
 
+    gap = dlt645_silence_s if t.protocol == "dlt645" else modbus_rtu_silence_s
     return SerialLine(t.serial or "", baud_rate=t.baud_rate, parity=t.parity_bit,  # type: ignore[arg-type]
-                      stop_bits=t.stop_bits, byte_size=t.byte_size, timeout_s=t.timeout_s)
+                      stop_bits=t.stop_bits, byte_size=t.byte_size, timeout_s=t.timeout_s,
+                      silence_s=gap(t.baud_rate, t.byte_size, t.parity_bit, t.stop_bits))
 
 
 async def dlt645_probe(line: Any, pattern: str, timeout_s: float) -> tuple[str, str | None]:
     """Ask every meter whose address matches ``pattern`` (AA bytes are wildcards).
 
     Returns ("none", None) for silence, ("one", address) for one clean reply, or
-    ("collision", None) when answers overlapped into a broken frame.
+    ("collision", None) when answers overlapped into a broken frame. Only replies count: an
+    RS-485 adapter that echoes the request (its own transmitter heard back) is not a meter.
+    Raises the line's error when the port failed or the line never falls silent (noise).
     """
     from lmt.drivers import dlt645
+    from lmt.drivers.serial_line import NoisyLine
 
     try:
         raw = await line.transact(dlt645.read_request(pattern, PROBE_DI), dlt645.frame_length,
                                   timeout_s)
-        frame = dlt645.decode_frame(raw)
-    except (dlt645.FrameError, dlt645.Dlt645FrameError):
+        frame, _ = dlt645.find_frame(raw, replies_only=True)
+    except dlt645.FrameError:  # a bad checksum: overlapping answers
         return "collision", None
+    except NoisyLine:
+        raise  # not a collision: nothing on this line can be told apart
     except DeviceUnavailable as exc:
         if "no answer within" in str(exc):
             return "none", None
-        if "no complete answer" in str(exc) or "checksum" in str(exc):
+        if "no complete answer" in str(exc):
             return "collision", None  # overlapping answers make noise or a cut-off frame
         raise  # the port itself failed: say so
+    if frame is None or not _matches(pattern, frame.address):
+        return "collision", None  # garbled: not the reply of a meter this pattern reaches
     return "one", frame.address
+
+
+def _matches(pattern: str, address: str) -> bool:
+    """Is ``address`` (12 digits) one of those ``pattern`` reaches (AA bytes: any)?"""
+    if len(address) != 12 or not address.isdigit():
+        return False
+    return all(pattern[i:i + 2] in ("AA", address[i:i + 2]) for i in range(0, 12, 2))
 
 
 async def scan_dlt645(line: Any, progress: Callable[[int, int, str], None], timeout_s: float
                       ) -> list[str]:
     """Find every meter on a line by abbreviated addressing: fix the address from its low byte
-    up (AA bytes above it are wildcards) and go one byte deeper wherever answers collide."""
+    up (AA bytes above it are wildcards) and go one byte deeper wherever answers collide.
+
+    Raises :class:`~lmt.drivers.serial_line.NoisyLine` when all 100 patterns of a level collide
+    (noise, not meters) or the line never falls silent, and the line's error when the port fails.
+    """
+    from lmt.drivers.serial_line import NoisyLine
+
     found: list[str] = []
     todo = [""]  # known low digits of addresses that still collide
     done = 0
     while todo:
         suffix = todo.pop(0)
         wild = "AA" * (6 - len(suffix) // 2 - 1)
+        collided: list[str] = []
         for b in range(100):
             pattern = f"{wild}{b:02d}{suffix}"
             kind, addr = await dlt645_probe(line, pattern, timeout_s)
@@ -295,7 +473,14 @@ async def scan_dlt645(line: Any, progress: Callable[[int, int, str], None], time
             if kind == "one" and addr is not None and addr not in found:
                 found.append(addr)
             elif kind == "collision" and len(suffix) < 10:
-                todo.append(f"{b:02d}{suffix}")
+                collided.append(f"{b:02d}{suffix}")
+        if len(collided) == 100:
+            # Two meters behind every one of 100 patterns is not a bus: it is noise, and going
+            # deeper would take 100 times as long for nothing.
+            raise NoisyLine(getattr(line, "name", "line"), (
+                f"every address pattern {wild}xx{suffix} got noise or a broken frame, not one "
+                "clean reply: check baud rate, parity and wiring (A/B)"))
+        todo.extend(collided)
     progress(done, done, "done")
     return sorted(found)
 
@@ -332,6 +517,7 @@ def read_dlt645_cli(args: Any, t: Target) -> int:
     async def go() -> dict[str, Any]:
         line = make_serial_line(t)
         try:
+            await open_target(t, line)
             meter = Dlt645Meter(args.address, line, args.address, profile, timeout_s=t.timeout_s)
             return await meter.read_points(names)
         finally:
@@ -340,8 +526,7 @@ def read_dlt645_cli(args: Any, t: Target) -> int:
     try:
         got = run(go())
     except DriverError as exc:
-        print(f"lmt read: {t.describe()}: {exc}", file=sys.stderr)
-        return 1
+        return report_error("read", t, exc, args.json)
     if args.json:
         dump_json({"address": args.address, "profile": profile.id, "values": got})
     else:
@@ -354,6 +539,7 @@ def scan_dlt645_cli(args: Any, t: Target) -> int:
     async def go() -> list[str]:
         line = make_serial_line(t)
         try:
+            await open_target(t, line)
             return await scan_dlt645(line, Progress(), t.timeout_s)
         finally:
             line.close()
@@ -361,8 +547,7 @@ def scan_dlt645_cli(args: Any, t: Target) -> int:
     try:
         found = run(go())
     except DriverError as exc:
-        print(f"lmt scan: {t.describe()}: {exc}", file=sys.stderr)
-        return 1
+        return report_error("scan", t, exc, args.json)
     if args.json:
         dump_json({"target": t.describe(), "found": [
             {"address": a, "profile": DLT645_PROFILE} for a in found]})

@@ -34,6 +34,10 @@ class Status(_Msg):
     devices: list[str] = Field(default_factory=list)
     session: int = Field(description="agent start time in ms: changes on every start, so an old "
                                      "death certificate can be told from a new one")
+    connection: int = Field(default=0, ge=0,
+                            description="MQTT connection attempt of this session (1, 2, ...): the "
+                                        "last will carries the number of the connection it was "
+                                        "registered with, like Sparkplug's bdSeq")
 
 
 class Reading(_Msg):
@@ -47,8 +51,10 @@ class Reading(_Msg):
 class Event(_Msg):
     seq: int = Field(ge=1, description="events stream sequence number")
     ts: float
-    type: str = Field(description="load_shed, load_restored, device_offline, device_online, "
-                                  "control_started, control_ended, agent_started")
+    type: str = Field(description="load_shed, load_restored, switch_failed, device_offline, "
+                                  "device_online, points_failed, points_recovered, "
+                                  "control_started, control_ended, agent_started, "
+                                  "telemetry_dropped, buffer_full")
     data: dict[str, Any] = Field(default_factory=dict)
 
 

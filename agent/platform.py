@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import queue
+import ssl
 import sys
 import threading
 import time
@@ -20,7 +23,9 @@ from typing import Any, TextIO
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .mqtt import Topics
+from lmt.config.agent import Tls
+
+from .mqtt import Topics, describe_error
 from .security import load_private_key, sign_body
 
 FINAL_STATUSES = {"rejected", "completed", "cancelled", "superseded", "failed"}
@@ -41,37 +46,77 @@ def sign_command_file(key_path: Path, body: dict[str, Any]) -> str:
     return sign_body(load_private_key(key_path), body)
 
 
+@dataclass
+class BrokerOptions:
+    """How the platform tools reach the broker: plain TCP and anonymous unless told."""
+
+    tls: Tls | None = None  # TLS: the CA, and a client certificate if the broker wants one
+    username: str | None = None
+    password: str | None = None
+
+
 class _Client:
     """A small blocking paho client: connect, subscribe, publish, receive into a queue."""
 
-    def __init__(self, host: str, port: int, client_id: str = "") -> None:
+    def __init__(self, host: str, port: int, client_id: str = "",
+                 options: BrokerOptions | None = None) -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._ready = threading.Event()
+        self._refused: str | None = None
         self._subs: list[str] = []
         self._suback = threading.Event()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or
                              f"lmt-platform-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv311)
+        if options is not None and options.tls is not None:
+            self.c.tls_set_context(options.tls.ssl_context())
+            if options.tls.insecure:
+                self.c.tls_insecure_set(True)
+        if options is not None and options.username:
+            self.c.username_pw_set(options.username, options.password)
+        self._error: str | None = None
         self.c.on_connect = self._on_connect
+        self.c.on_disconnect = self._on_disconnect
+        self.c.on_log = self._on_log
         self.c.on_message = lambda c, u, m: self.messages.put(m)
         self.c.on_subscribe = lambda *a: self._suback.set()
         self.host, self.port = host, port
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):  # type: ignore[no-untyped-def]
-        if not reason_code.is_failure:
-            for t in self._subs:
-                client.subscribe(t, qos=1)
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
             self._ready.set()
+            return
+        for t in self._subs:
+            client.subscribe(t, qos=1)
+        self._ready.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):  # type: ignore[no-untyped-def]
+        if not self._ready.is_set():  # closed before accepting us (e.g. a TLS alert)
+            self._refused = self._error or str(reason_code)
+            self._ready.set()
+
+    def _on_log(self, client, userdata, level, buf):  # type: ignore[no-untyped-def]
+        if level == mqtt.MQTT_LOG_ERR:
+            self._error = buf
 
     def connect(self, subscribe: list[str], timeout_s: float = 10.0) -> None:
         self._subs = subscribe
         try:
             self.c.connect(self.host, self.port, keepalive=30)
+        except ssl.SSLError as exc:
+            raise ConnectionError(f"broker {self.host}:{self.port}: {describe_error(exc)[0]}"
+                                  ) from None
         except OSError as exc:
             raise ConnectionError(f"cannot reach the broker at {self.host}:{self.port}: {exc}"
                                   ) from None
         self.c.loop_start()
         if not self._ready.wait(timeout_s):
+            self.close()
             raise ConnectionError(f"broker at {self.host}:{self.port} did not accept us")
+        if self._refused is not None:
+            self.close()
+            raise ConnectionError(f"broker at {self.host}:{self.port} refused the connection: "
+                                  f"{self._refused}")
         if subscribe and not self._suback.wait(timeout_s):
             raise ConnectionError("broker did not acknowledge the subscription")
 
@@ -88,7 +133,8 @@ class _Client:
 
 def send(host: str, port: int, prefix: str, terminal: str, payload: str, *,
          wait: str = "answer", timeout_s: float = 30.0,
-         out: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+         out: Callable[[dict[str, Any]], None] | None = None,
+         options: BrokerOptions | None = None) -> list[dict[str, Any]]:
     """Publish a signed command; collect this command's results.
 
     ``wait``: "none" (return after the broker's acknowledgement), "answer" (until accepted or
@@ -99,7 +145,7 @@ def send(host: str, port: int, prefix: str, terminal: str, payload: str, *,
         cid = json.loads(json.loads(payload)["body"]).get("id")
     except (ValueError, KeyError, TypeError, AttributeError):
         cid = None
-    client = _Client(host, port)
+    client = _Client(host, port, options=options)
     client.connect([topics.result] if wait != "none" else [])
     results: list[dict[str, Any]] = []
     try:
@@ -147,48 +193,63 @@ def _records(payload: bytes) -> list[dict[str, Any]]:
 
 @dataclass
 class StreamTracker:
-    """Per (terminal, stream): de-duplicate by sequence number and detect gaps."""
+    """Per (terminal, stream): de-duplicate by sequence number and detect gaps.
 
-    delivered: dict[tuple[str, str], int] = field(default_factory=dict)
-    ahead: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    The sequence numbers received are kept as merged ranges, so records may arrive in any
+    order: live data ahead of the backlog after an outage, resends after a reconnect. A gap is
+    reported when a record arrives more than one past the highest seen; it is open until
+    records fill it. Nothing below the first record seen is a gap: a watcher that starts late
+    cannot know what came before."""
+
+    ranges: dict[tuple[str, str], list[list[int]]] = field(default_factory=dict)
     duplicates: int = 0
     gaps: list[tuple[str, str, int, int]] = field(default_factory=list)
 
     def accept(self, terminal: str, stream: str, seq: int) -> bool:
         """True for a record seen for the first time; records gaps as they appear."""
         key = (terminal, stream)
-        if key not in self.delivered:
-            self.delivered[key] = seq
-            self.ahead[key] = set()
-            return True
-        last = self.delivered[key]
-        ahead = self.ahead[key]
-        if seq <= last or seq in ahead:
+        rs = self.ranges.setdefault(key, [])
+        i = bisect.bisect_right(rs, seq, key=lambda r: r[0])  # rs[i-1] starts at or below seq
+        if i and rs[i - 1][1] >= seq:
             self.duplicates += 1
             return False
-        if seq == last + 1:
-            last = seq
-            while last + 1 in ahead:
-                last += 1
-                ahead.discard(last)
-            self.delivered[key] = last
+        if rs and seq > rs[-1][1] + 1:
+            self.gaps.append((terminal, stream, rs[-1][1] + 1, seq - 1))
+        joins_prev = i > 0 and rs[i - 1][1] == seq - 1
+        joins_next = i < len(rs) and rs[i][0] == seq + 1
+        if joins_prev and joins_next:
+            rs[i - 1][1] = rs[i][1]
+            del rs[i]
+        elif joins_prev:
+            rs[i - 1][1] = seq
+        elif joins_next:
+            rs[i][0] = seq
         else:
-            missing_from = max([last, *[s for s in ahead if s < seq]]) + 1
-            if missing_from < seq:
-                self.gaps.append((terminal, stream, missing_from, seq - 1))
-            ahead.add(seq)
+            rs.insert(i, [seq, seq])
         return True
+
+    def excuse(self, terminal: str, stream: str, first: int, last: int) -> None:
+        """The terminal dropped ``first..last`` on purpose (its disk cap; a
+        ``telemetry_dropped`` event says so): not a gap, and nothing there will come."""
+        rs = self.ranges.setdefault((terminal, stream), [])
+        merged: list[list[int]] = []
+        for a, b in sorted([*rs, [first, last]]):
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.ranges[(terminal, stream)] = merged
+
+    @property
+    def delivered(self) -> dict[tuple[str, str], int]:
+        """Per (terminal, stream): the highest sequence number received with none missing
+        between it and the first one received."""
+        return {k: rs[0][1] for k, rs in self.ranges.items() if rs}
 
     def open_gaps(self) -> list[tuple[str, str, int, int]]:
         """Ranges still missing now (sequence numbers never received)."""
-        out = []
-        for (term, stream), last in self.delivered.items():
-            prev = last
-            for s in sorted(self.ahead[(term, stream)]):
-                if s > prev + 1:
-                    out.append((term, stream, prev + 1, s - 1))
-                prev = s
-        return out
+        return [(term, stream, a[1] + 1, b[0] - 1) for (term, stream), rs in self.ranges.items()
+                for a, b in itertools.pairwise(rs)]
 
 
 def _fmt_values(values: dict[str, Any]) -> str:
@@ -221,10 +282,10 @@ def format_record(terminal: str, stream: str, rec: dict[str, Any], historical: b
 
 def watch(host: str, port: int, prefix: str, terminal: str = "+", *, as_json: bool = False,
           duration_s: float | None = None, count: int | None = None,
-          stream: TextIO = sys.stdout) -> StreamTracker:
+          stream: TextIO = sys.stdout, options: BrokerOptions | None = None) -> StreamTracker:
     """Print telemetry, events, results and status as they arrive; return the tracker."""
     tracker = StreamTracker()
-    client = _Client(host, port)
+    client = _Client(host, port, options=options)
     client.connect([f"{prefix}/{terminal}/#"])
     n = 0
     deadline = None if duration_s is None else time.monotonic() + duration_s
@@ -261,6 +322,12 @@ def watch(host: str, port: int, prefix: str, terminal: str = "+", *, as_json: bo
                 gaps_before = len(tracker.gaps)
                 if not tracker.accept(term, sname, seq):
                     continue
+                data = rec.get("data")
+                if sname == "events" and rec.get("type") == "telemetry_dropped" \
+                        and isinstance(data, dict):
+                    first, last = data.get("first_seq"), data.get("last_seq")
+                    if isinstance(first, int) and isinstance(last, int):
+                        tracker.excuse(term, str(data.get("stream", "telemetry")), first, last)
                 for g in tracker.gaps[gaps_before:]:
                     line = (json.dumps({"gap": {"terminal": g[0], "stream": g[1],
                                                 "first": g[2], "last": g[3]}})

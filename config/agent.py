@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import ssl
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .errors import load_toml
-from .profiles import load_profile
+from .profiles import Table, load_profile
 
 NAME = r"^[a-z0-9][a-z0-9_-]*$"
 
@@ -31,16 +33,149 @@ class Terminal(_Strict):
                     description="terminal id: one MQTT topic level, no wildcards")
 
 
+def _readable_file(v: Path | None, info: ValidationInfo, what: str) -> Path | None:
+    """Resolve a path and check it can be read now (a service finds out at start, not later)."""
+    p = _resolve(v, info)
+    if p is None:
+        return None
+    try:
+        p.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"file {p} not found ({what})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{p} is a folder, not a file ({what})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {p}: {exc.strerror} ({what})") from None
+    return p
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    return str(exc.reason or exc.strerror or exc).replace("_", " ").lower()
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_key_password() -> bytes:
+    raise _EncryptedKey  # never let OpenSSL prompt on a terminal a service does not have
+
+
+class Tls(_Strict):
+    """``[mqtt.tls]``: TLS to the broker; the table being there (even empty) turns TLS on."""
+
+    ca_file: Path | None = Field(default=None, description="CA certificate(s), PEM, the broker's "
+                                 "certificate must chain to; default: the system's trusted CAs")
+    cert_file: Path | None = Field(default=None, description="client certificate (PEM)")
+    key_file: Path | None = Field(default=None, description="its private key (PEM, unencrypted)")
+    insecure: bool = Field(default=False, description="skip the check that the broker's "
+                           "certificate names mqtt.host (the chain is still verified)")
+    min_version: Literal["1.2", "1.3"] = Field(default="1.2", description="lowest TLS version")
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _files(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        what = {"ca_file": "the CA certificate the broker's certificate is signed by",
+                "cert_file": "the TLS client certificate",
+                "key_file": "the TLS client certificate's private key"}[str(info.field_name)]
+        return _readable_file(v, info, what)
+
+    @model_validator(mode="after")
+    def _check(self) -> Tls:
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = (("cert_file", "key_file") if self.key_file is None
+                              else ("key_file", "cert_file"))
+            raise ValueError(f"{given} is given without {missing}: a client certificate needs "
+                             "both cert_file and key_file (or neither)")
+        self.ssl_context()
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client context: verifies the broker's chain (and name, unless ``insecure``),
+        presents the client certificate if there is one. Raises ValueError naming the key."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if self.min_version == "1.3" \
+            else ssl.TLSVersion.TLSv1_2
+        try:
+            if self.ca_file is None:
+                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            else:
+                ctx.load_verify_locations(cafile=str(self.ca_file))
+        except ssl.SSLError as exc:
+            raise ValueError(f"ca_file: {self.ca_file} holds no usable PEM CA certificate "
+                             f"({_ssl_reason(exc)})") from None
+        if self.cert_file is not None and self.key_file is not None:
+            try:
+                ctx.load_cert_chain(str(self.cert_file), str(self.key_file),
+                                    password=_no_key_password)
+            except _EncryptedKey:
+                raise ValueError(f"key_file: {self.key_file} is encrypted; the agent needs an "
+                                 "unencrypted key (protect it with file permissions)") from None
+            except ssl.SSLError as exc:
+                reason = _ssl_reason(exc)
+                if "mismatch" in reason:
+                    msg = f"{self.key_file} is not the key of {self.cert_file}"
+                else:
+                    msg = f"{self.cert_file} / {self.key_file} are not a PEM certificate and key"
+                raise ValueError(f"cert_file, key_file: {msg} ({reason})") from None
+        if self.insecure:
+            ctx.check_hostname = False
+        return ctx
+
+
 class Mqtt(_Strict):
     host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
+    port: int = Field(default=1883, ge=1, le=65535, description="1883; usually 8883 with TLS")
     topic_prefix: str = Field(default="lmt/v1", pattern=r"^[^#+]+[^/#+]$")
     client_id: str | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
+    protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT version")
     username: str | None = None
-    password: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    password_file: Path | None = Field(default=None, description="file whose first line is the "
+                                       "password, instead of password")
+    tls: Tls | None = None
+    session_expiry_s: int = Field(default=86400, ge=0, le=0xFFFFFFFF,
+                                  description="MQTT 5: how long the broker keeps the session "
+                                              "(subscription, queued commands) while away")
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
+    connect_jitter_s: float = Field(default=0.0, ge=0, le=86400,
+                                    description="wait a random 0..this before the first connect")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, v: object) -> object:
+        return "5" if v in (5, 5.0) else v  # `protocol = 5` in TOML is an integer
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        p = _readable_file(v, info, "the broker password")
+        if p is not None and not _first_line(p):
+            raise ValueError(f"{p} is empty: its first line must be the broker password")
+        return p
+
+    @model_validator(mode="after")
+    def _check(self) -> Mqtt:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if (self.password is not None or self.password_file is not None) and not self.username:
+            raise ValueError("a password (password or password_file) needs username")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        return self
+
+    def secret(self) -> str | None:
+        """The password: inline, or the first line of password_file (read now)."""
+        if self.password_file is not None:
+            return _first_line(self.password_file)
+        return self.password
+
+
+def _first_line(p: Path) -> str:
+    lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    return lines[0] if lines else ""
 
 
 class Security(_Strict):
@@ -74,6 +209,9 @@ class Buffer(_Strict):
     flush_interval_s: float = Field(default=1.0, gt=0)
     keep_delivered_h: float = Field(default=24.0, ge=0,
                                     description="hours delivered records stay in the buffer")
+    max_mb: float = Field(default=256.0, ge=1.0,
+                          description="disk cap (MB) of the buffer's files; past it, old "
+                                      "telemetry is dropped, never events or results")
 
     _path = field_validator("path")(_resolve)
 
@@ -129,6 +267,9 @@ class Line(_Strict):
 class Sync(_Strict):
     max_batch: int = Field(default=20, ge=1, le=1000, description="readings per message")
     max_inflight: int = Field(default=20, ge=1, le=1000, description="unacknowledged messages")
+    backlog_rate: float = Field(default=500.0, ge=0,
+                                description="readings per second sent from the backlog after an "
+                                            "outage, behind live data (0: no limit)")
 
 
 class Device(_Strict):
@@ -189,9 +330,7 @@ class AgentConfig(_Strict):
         names = [d.name for d in self.devices]
         if len(set(names)) != len(names):
             raise ValueError("device names must be unique")
-        lines = {ln.name: ln for ln in self.lines}
-        if len(lines) != len(self.lines):
-            raise ValueError("line names must be unique")
+        lines = _check_lines(self.lines)
         profiles = {}
         for i, d in enumerate(self.devices):
             try:
@@ -232,6 +371,12 @@ class AgentConfig(_Strict):
             if not prof.has_point(load.point) or not prof.point(load.point).writable:
                 raise ValueError(f"loads[{i}].point: {load.device!r} ({prof.id}) has no "
                                  f"writable point {load.point!r}")
+            point = prof.point(load.point)
+            if point.table is not Table.COIL:
+                kind = f"a {point.table.value} register" if point.table else "a DL/T 645"
+                raise ValueError(f"loads[{i}].point: {load.device}.{load.point} ({prof.id}) is "
+                                 f"{kind} point; a load is switched by a writable coil "
+                                 "(on = load supplied)")
             if (load.device, load.point) in seen_points:
                 raise ValueError(f"loads[{i}].point: {load.device}.{load.point} already "
                                  "switches another load")
@@ -249,6 +394,28 @@ class AgentConfig(_Strict):
         if d.line is None:
             return "modbus-tcp"
         return self.line(d.line).protocol
+
+
+def _check_lines(lines: list[Line]) -> dict[str, Line]:
+    """Lines by name; each name and each serial port used once (one port is one bus: the
+    devices on it go on one line, which runs one transaction at a time)."""
+    by_name: dict[str, int] = {}
+    by_port: dict[str, int] = {}
+    for i, ln in enumerate(lines):
+        if ln.name in by_name:
+            raise ValueError(f"lines[{i}].name: {ln.name!r} is used twice (also lines"
+                             f"[{by_name[ln.name]}]); line names must be unique")
+        by_name[ln.name] = i
+        port = os.path.realpath(ln.port)  # a /dev/serial/by-id/ link is the port it names
+        if port in by_port:
+            j = by_port[port]
+            same = repr(ln.port) if ln.port == lines[j].port else \
+                f"{ln.port!r} (the same port as {lines[j].port!r})"
+            raise ValueError(f"lines[{i}].port: line {ln.name!r} uses {same}, already the port "
+                             f"of line {lines[j].name!r}; two lines cannot share a serial port "
+                             "(put the devices of one bus on one line)")
+        by_port[port] = i
+    return {ln.name: ln for ln in lines}
 
 
 def load_agent_config(path: Path | str) -> AgentConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +53,8 @@ class Point(BaseModel):
     """One named value of a device.
 
     A Modbus point has ``table``, ``address`` and ``type``; a DL/T 645 point has ``di`` and
-    ``format``. Engineering value = raw × ``multiplier`` + ``offset``.
+    ``format`` (and ``byte_offset`` when several points share a block DI). Engineering value =
+    raw × ``multiplier`` + ``offset``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -87,6 +89,9 @@ class Point(BaseModel):
     format: str | None = Field(default=None, pattern=r"^X+(\.X+)?$",
                                description="BCD layout, e.g. XXXXXX.XX (4 bytes, 2 decimals)")
     signed: bool = Field(default=False, description="bit 7 of the top byte is the sign")
+    byte_offset: int = Field(default=0, ge=0, le=0xFFFF,
+                             description="where the point's bytes start in its DI's data (points "
+                                         "sharing a block DI such as 0201FF00)")
 
     @model_validator(mode="after")
     def _check_kind(self) -> Point:
@@ -98,6 +103,8 @@ class Point(BaseModel):
             if self.table is not None or self.address is not None or self.type is not None:
                 raise ValueError("a DL/T 645 point (di) has no table, address or type")
             return self
+        if self.byte_offset:
+            raise ValueError("byte_offset applies to DL/T 645 points (di) only")
         missing = [k for k in ("table", "address", "type") if getattr(self, k) is None]
         if missing:
             raise ValueError(f"a Modbus point needs {', '.join(missing)} "
@@ -185,6 +192,23 @@ class Profile(BaseModel):
                 want = "di and format" if self.protocol == "dlt645" else "table, address, type"
                 raise ValueError(f"points[{i}] ({p.name}): a {self.protocol} profile's points "
                                  f"have {want}")
+        return self
+
+    @model_validator(mode="after")
+    def _di_slices_apart(self) -> Profile:
+        """Points sharing a DI (a block DI) each decode their own bytes: no two overlap."""
+        by_di: dict[str, list[Point]] = {}
+        for p in self.points:
+            if p.di is not None:
+                by_di.setdefault(p.di.upper(), []).append(p)
+        for di, points in by_di.items():
+            points.sort(key=lambda p: p.byte_offset)
+            for a, b in pairwise(points):
+                if b.byte_offset < a.byte_offset + a.dlt_bytes:
+                    raise ValueError(
+                        f"points {a.name} and {b.name} share DI {di} and overlap (bytes from "
+                        f"{a.byte_offset} and {b.byte_offset}, {a.name} takes {a.dlt_bytes}): "
+                        "give each its own byte_offset")
         return self
 
     def point(self, name: str) -> Point:

@@ -1,7 +1,7 @@
 """DL/T 645-2007 meters on a serial line: the frame and value codec, and an async master.
 
-The codec is pure functions (no I/O), tested against the worked byte sequences of
-``/work/shared/domain/dlt645.md``:
+The codec is pure functions (no I/O), tested against the worked byte
+sequences of the DL/T 645-2007 domain notes:
 
 * frames — :func:`encode_frame`, :func:`find_frame` / :func:`decode_frame`, and
   :func:`frame_length`, the :class:`~lmt.drivers.serial_line.SerialLine` reader that tells when
@@ -523,6 +523,9 @@ class Dlt645Meter:
         self.poll_interval_s = poll_interval_s
         self.preamble = preamble
         self.last_latency_s = 0.0
+        #: Data identifiers the last partial read (``read_points(partial=True)``) could not
+        #: get: their point names and the error.
+        self.last_failures: list[tuple[tuple[str, ...], DriverError]] = []
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -586,35 +589,78 @@ class Dlt645Meter:
             return list(self.profile.points)
         return [self.profile.point(n) for n in names]
 
-    async def read_points(self, names: Iterable[str] | None = None) -> dict[str, float | None]:
-        """Read points (all of the profile's when ``names`` is None), one request per DI.
-
-        Points sharing a DI share its read. A point is None only when the meter says it has no
-        such data (abnormal reply "no data requested") or the value is one of the point's
-        ``invalid`` raw values; every failure raises.
-        """
+    def _by_di(self, names: Iterable[str] | None) -> dict[str, list[Point]]:
         by_di: dict[str, list[Point]] = {}
         for p in self._points(names):
             assert p.di is not None
             by_di.setdefault(p.di.upper(), []).append(p)
+        return by_di
+
+    def transactions(self, names: Iterable[str] | None = None) -> int:
+        """How many requests reading these points takes: one per data identifier (a reply
+        split over several frames takes follow-up requests on top)."""
+        return len(self._by_di(names))
+
+    def wire_time_s(self, names: Iterable[str] | None = None) -> float:
+        """Seconds the requests and replies of reading these points take on the line at its
+        baud rate, with the idle gap kept before each request."""
+        frame = self.preamble + MIN_FRAME_LEN + 4  # preamble, header, DI, CS, 16
+        size = sum(2 * frame + max(p.byte_offset + p.dlt_bytes for p in points)
+                   for points in self._by_di(names).values())
+        n = self.transactions(names)
+        return size * self.line.char_time_s + n * self.line.silence_s
+
+    async def read_points(self, names: Iterable[str] | None = None, *,
+                          partial: bool = False) -> dict[str, float | None]:
+        """Read points (all of the profile's when ``names`` is None), one request per DI.
+
+        Points sharing a DI share its read. A point is None only when the meter says it has no
+        such data (abnormal reply "no data requested") or the value is one of the point's
+        ``invalid`` raw values; every failure raises, unless ``partial``: then a DI the meter
+        refuses (another abnormal reply) or whose data does not decode is left out, its
+        points missing from the result and listed in :attr:`last_failures`, and the other
+        DIs are still read. Even so the read raises when no DI could be read, or at the first
+        sign that the meter is not reachable (no answer, a garbled frame).
+        """
+        self.last_failures = []
+        by_di = self._by_di(names)
         out: dict[str, float | None] = {}
+        failures: list[tuple[tuple[str, ...], DriverError]] = []
         for di, points in by_di.items():
             try:
                 data = await self.read_di(di)
             except Dlt645Refused as exc:
-                if not exc.no_data:
+                if exc.no_data:
+                    out.update((p.name, None) for p in points)
+                    continue
+                if not partial:
                     raise
-                out.update((p.name, None) for p in points)
+                failures.append((tuple(p.name for p in points), exc))
                 continue
-            for p in points:
-                n = p.dlt_bytes
-                if len(data) < n:
-                    raise Dlt645FrameError(self.name, f"DI {di}: {len(data)} data bytes, "
-                                                      f"{p.name} ({p.format}) needs {n}")
-                try:
-                    out[p.name] = decode_value(data[:n], p)
-                except FrameError as exc:
-                    raise Dlt645FrameError(self.name, f"DI {di}: {exc}") from exc
+            try:
+                out.update(self._decode_di(di, data, points))
+            except Dlt645FrameError as exc:
+                if not partial:
+                    raise
+                failures.append((tuple(p.name for p in points), exc))
+        if failures and len(failures) == len(by_di):
+            raise failures[0][1]
+        self.last_failures = failures
+        return out
+
+    def _decode_di(self, di: str, data: bytes, points: list[Point]) -> dict[str, float | None]:
+        """The values of the points of one DI from its data; Dlt645FrameError if they do not
+        decode."""
+        out: dict[str, float | None] = {}
+        for p in points:  # several points may share a (block) DI, each at its byte offset
+            start, n = p.byte_offset, p.dlt_bytes
+            if len(data) < start + n:
+                raise Dlt645FrameError(self.name, f"DI {di}: {len(data)} data bytes, "
+                                                  f"{p.name} ({p.format}) needs {start + n}")
+            try:
+                out[p.name] = decode_value(data[start:start + n], p)
+            except FrameError as exc:
+                raise Dlt645FrameError(self.name, f"DI {di}: {exc}") from exc
         return out
 
     async def read_status_word3(self) -> StatusWord3:

@@ -25,13 +25,22 @@ from pymodbus.pdu import ModbusPDU
 from lmt.config.profiles import Point, Profile, Table
 
 from .codec import decode_registers, encode_value
-from .errors import DeviceException, DeviceUnavailable, VerificationError
+from .errors import DeviceException, DeviceUnavailable, DriverError, VerificationError
 from .plan import Block, due_points, plan_reads
 
 Value = float | bool | None
 
 #: Builds the request on the bus's pymodbus client, e.g. ``lambda c: c.read_coils(0, count=8)``.
 RequestFactory = Callable[[Any], Awaitable[ModbusPDU]]
+
+#: Points a partial read could not get (one block, or one DL/T 645 data identifier) and why.
+PointsFailure = tuple[tuple[str, ...], DriverError]
+
+#: Exception codes that say the device itself is not reachable (a gateway's "path unavailable",
+#: "target failed to respond"): the whole device is unavailable, not one block.
+UNREACHABLE_CODES = frozenset({10, 11})
+
+_RTU_REQUEST_BYTES = 8  # a read request on a serial line: id, function, address, count, CRC
 
 _HEX_SHOWN = 24  # bytes of a garbled answer quoted in an error message
 
@@ -217,6 +226,8 @@ class ModbusDevice:
         self.profile = profile
         self._plans: dict[tuple[str, ...], list[Block]] = {}
         self.last_latency_s = 0.0
+        #: The blocks the last partial read (``read_points(partial=True)``) could not get.
+        self.last_failures: list[PointsFailure] = []
 
     def plan(self, names: Iterable[str] | None = None) -> list[Block]:
         """Block reads for these points (all when None); never across a profile barrier."""
@@ -225,6 +236,21 @@ class ModbusDevice:
             pts = self.profile.points if not key else tuple(self.profile.point(n) for n in key)
             self._plans[key] = plan_reads(pts, self.profile.max_gap, barriers=self.profile.points)
         return self._plans[key]
+
+    def transactions(self, names: Iterable[str] | None = None) -> int:
+        """How many requests reading these points takes (one per planned block)."""
+        return len(self.plan(names))
+
+    def wire_time_s(self, names: Iterable[str] | None = None) -> float:
+        """Seconds the requests and answers of reading these points take on a serial line, with
+        the inter-frame silence before each request; 0 over TCP."""
+        char = float(getattr(self.bus, "char_time_s", 0.0))  # serial (RTU) buses only
+        if not char:
+            return 0.0
+        blocks = self.plan(names)
+        size = sum(_RTU_REQUEST_BYTES + 5 + ((b.count + 7) // 8 if b.table.is_bit else 2 * b.count)
+                   for b in blocks)
+        return size * char + len(blocks) * float(getattr(self.bus, "silence_s", 0.0))
 
     def due(self, last_read: dict[str, float], now: float, fast_interval_s: float,
             slow_interval_s: float) -> list[str]:
@@ -256,18 +282,39 @@ class ModbusDevice:
             raise DeviceUnavailable(self.name, f"short answer: {len(regs)} of {block.count} registers")
         return regs
 
-    async def read_points(self, names: Iterable[str] | None = None) -> dict[str, Value]:
-        """Read points (all of the profile's when ``names`` is None) in planned block reads."""
+    async def read_points(self, names: Iterable[str] | None = None, *,
+                          partial: bool = False) -> dict[str, Value]:
+        """Read points (all of the profile's when ``names`` is None) in planned block reads.
+
+        Any failure raises, unless ``partial``: then a block the device answers with an
+        exception (an illegal data address, say) is left out, its points missing from the
+        result and listed in :attr:`last_failures`, and the other blocks are still read. Even
+        so the read raises when no block could be read, or at the first sign that the device
+        is not reachable (:class:`DeviceUnavailable`: no answer, connection lost, garbled;
+        or a gateway's exception 10/11).
+        """
         start = time.monotonic()
+        self.last_failures = []
+        blocks = self.plan(names)
         out: dict[str, Value] = {}
-        for block in self.plan(names):
-            data = await self._read_block(block)
+        failures: list[PointsFailure] = []
+        for block in blocks:
+            try:
+                data = await self._read_block(block)
+            except DeviceException as exc:
+                if not partial or exc.code in UNREACHABLE_CODES:
+                    raise
+                failures.append((tuple(p.name for p in block.points), exc))
+                continue
             for p in block.points:
                 off = p.address - block.address
                 if block.table.is_bit:
                     out[p.name] = bool(data[off])
                 else:
                     out[p.name] = decode_registers(data[off: off + p.size], p)
+        if failures and len(failures) == len(blocks):
+            raise failures[0][1]
+        self.last_failures = failures
         self.last_latency_s = time.monotonic() - start
         return out
 

@@ -14,11 +14,25 @@ passes a *reader* callback that says when the bytes received so far hold a compl
   and keeps ``last_round_trip_s`` (request written to answer complete);
 * maps every failure to a typed :class:`~lmt.drivers.errors.DeviceUnavailable` that says what to
   do: a missing port, a permission problem (the ``dialout`` group), a port held by another
-  program, an answer that never came or never completed.
+  program, an answer that never came or never completed, a line that never falls silent
+  (:class:`NoisyLine`).
 
 The character time is ``(1 start + byte_size + parity bits + stop_bits) / baud`` seconds.
 A request's transmission time is estimated from it, and the answer timeout runs from the
 estimated end of transmission, so a long request at 1200 bit/s does not eat the timeout.
+
+Some RS-485 adapters hear their own transmitter: the request comes back before the answer.
+The reader sees it (a DL/T 645 reader skips frames that are not replies); when nothing but
+that echo came back, the timeout says *no answer … (only the echo of the request came back)*,
+not noise.
+
+Once bytes arrive, the wait goes on while they keep coming (an answer still on the wire), but
+never beyond a hard limit: the timeout plus the wire time of the longest answer
+(``max_answer_bytes``, 300 by default: a Modbus RTU frame is at most 256 bytes, a DL/T 645
+frame 4 + 12 + 255). A line that keeps receiving bytes without a complete answer among them (an
+adapter spewing garbage, a wrong baud rate on a busy bus) fails there with :class:`NoisyLine`
+instead of holding the transaction forever. At most ``4 × max_answer_bytes`` bytes are kept
+(the oldest are dropped; an answer is never longer than that), so noise cannot fill memory.
 """
 
 from __future__ import annotations
@@ -46,7 +60,17 @@ FrameReader = Callable[[bytearray], int | None]
 
 _PARITY = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_ODD}
 _READ_CHUNK = 4096
+_FLUSH_MAX = 16 * _READ_CHUNK  # bytes dropped per flush: a line that never stops cannot hang it
 _HEX_SHOWN = 48  # bytes of an incomplete answer quoted in an error message
+
+#: Default longest answer, in bytes: a Modbus RTU frame is at most 256, a DL/T 645 frame 271.
+MAX_ANSWER_BYTES = 300
+
+
+class NoisyLine(DeviceUnavailable):
+    """The line carries noise, not answers: bytes kept arriving until the hard limit with no
+    complete answer among them (raised by :meth:`SerialLine.transact`; the field tools' scan
+    raises it too when every address it tries gets a broken frame)."""
 
 
 def char_time_s(baud: int, byte_size: int = 8, parity: str = "N", stop_bits: int = 1) -> float:
@@ -78,11 +102,14 @@ class SerialLine:
 
     def __init__(self, port: str, baud_rate: int = 9600, parity: Parity = "N", stop_bits: int = 1,
                  byte_size: int = 8, timeout_s: float = 1.0, silence_s: float | None = None,
-                 byte_timeout_s: float | None = None, name: str | None = None) -> None:
+                 byte_timeout_s: float | None = None, name: str | None = None,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         if parity not in _PARITY:
             raise ValueError(f"parity must be N, E or O, not {parity!r}")
         if stop_bits not in (1, 2) or byte_size not in (5, 6, 7, 8):
             raise ValueError("stop_bits must be 1 or 2 and byte_size 5..8")
+        if max_answer_bytes < 1:
+            raise ValueError("max_answer_bytes must be at least 1")
         self.port = port
         self.name = name or port
         self.baud_rate = baud_rate
@@ -96,6 +123,7 @@ class SerialLine:
         # Once an answer has started, a gap this long without a byte ends the wait early.
         self.byte_timeout_s = (max(0.05, 20 * self.char_time_s) if byte_timeout_s is None
                                else byte_timeout_s)
+        self.max_answer_bytes = max_answer_bytes
         self._serial: serial.Serial | None = None
         self._lock = asyncio.Lock()
         self._idle_since = 0.0  # monotonic time the bus last went quiet (after our tx or an rx)
@@ -182,10 +210,10 @@ class SerialLine:
     # -- transactions ------------------------------------------------------------------------
 
     def _flush_input(self, ser: serial.Serial) -> int:
-        """Discard whatever input is waiting; returns how many bytes that was."""
+        """Discard the input waiting (at most ``_FLUSH_MAX`` bytes); returns how many bytes."""
         fd = ser.fileno()
         flushed = 0
-        while True:
+        while flushed < _FLUSH_MAX:
             try:
                 chunk = os.read(fd, _READ_CHUNK)
             except BlockingIOError:
@@ -238,15 +266,24 @@ class SerialLine:
             if wait > 0:
                 await asyncio.sleep(wait)
 
+    def hard_limit_s(self, timeout_s: float | None = None) -> float:
+        """The longest a transaction waits after its request left: the timeout, plus the wire
+        time of the longest answer, plus one inter-byte gap."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        return timeout + self.max_answer_bytes * self.char_time_s + self.byte_timeout_s
+
     async def transact(self, request: bytes, reader: FrameReader,
                        timeout_s: float | None = None) -> bytes:
         """Send ``request`` and return the answer ``reader`` recognises (garbage before included).
 
         Raises :class:`DeviceUnavailable` when nothing arrives within ``timeout_s`` (default
         ``self.timeout_s``) after the request left, when an answer starts but never completes,
-        or when the port fails.
+        or when the port fails; :class:`NoisyLine` when bytes keep arriving until
+        :meth:`hard_limit_s` without a complete answer among them.
         """
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        hard_limit = self.hard_limit_s(timeout)
+        keep = 2 * self.max_answer_bytes  # bytes kept when the buffer is trimmed
         async with self._lock:
             self.open()
             assert self._serial is not None
@@ -257,34 +294,39 @@ class SerialLine:
             buf = bytearray()
             done: asyncio.Future[int] = loop.create_future()
             last_rx = [0.0]
+            received = [0]  # bytes received in this transaction (buf may have been trimmed)
 
             def on_readable() -> None:
-                while True:
-                    try:
-                        chunk = os.read(fd, _READ_CHUNK)
-                    except BlockingIOError:
-                        return
-                    except OSError as exc:
-                        if not done.done():
-                            done.set_exception(exc)
-                        loop.remove_reader(fd)
-                        return
-                    if not chunk:
-                        return
-                    now = time.monotonic()
-                    last_rx[0] = now
-                    self._idle_since = now
-                    self.bytes_received += len(chunk)
-                    buf.extend(chunk)
-                    if done.done():
-                        continue
-                    try:
-                        n = reader(buf)
-                    except Exception as exc:  # a buggy reader must not hang the line
+                # One chunk per call: a line that never stops sending must not keep the loop
+                # (and the deadline's timer) from running; the loop calls again while readable.
+                try:
+                    chunk = os.read(fd, _READ_CHUNK)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if not done.done():
                         done.set_exception(exc)
-                        return
-                    if n is not None:
-                        done.set_result(n)
+                    loop.remove_reader(fd)
+                    return
+                if not chunk:
+                    return
+                now = time.monotonic()
+                last_rx[0] = now
+                self._idle_since = now
+                self.bytes_received += len(chunk)
+                received[0] += len(chunk)
+                if done.done():
+                    return
+                buf.extend(chunk)
+                if len(buf) > 2 * keep:  # noise: an answer is never this long, drop the oldest
+                    del buf[:-keep]
+                try:
+                    n = reader(buf)
+                except Exception as exc:  # a buggy reader must not hang the line
+                    done.set_exception(exc)
+                    return
+                if n is not None:
+                    done.set_result(n)
 
             loop.add_reader(fd, on_readable)
             try:
@@ -292,13 +334,20 @@ class SerialLine:
                 sent_at = time.monotonic()
                 tx_end = self._send(ser, request)
                 deadline = tx_end + timeout
+                hard_deadline = tx_end + hard_limit
                 while True:
-                    # Waiting ends at the deadline, or later while an answer is still arriving.
+                    # Waiting ends at the deadline, or later while an answer is still arriving,
+                    # but never after the hard deadline.
                     if last_rx[0]:
                         deadline = max(deadline, last_rx[0] + self.byte_timeout_s)
-                    remaining = deadline - time.monotonic()
+                    noisy = deadline > hard_deadline
+                    remaining = min(deadline, hard_deadline) - time.monotonic()
                     if remaining <= 0:
-                        raise DeviceUnavailable(self.name, self._timeout_message(timeout, buf))
+                        if noisy:
+                            raise NoisyLine(self.name, self._noise_message(
+                                hard_limit, received[0], buf))
+                        raise DeviceUnavailable(self.name,
+                                                self._timeout_message(timeout, buf, request))
                     try:
                         n = await asyncio.wait_for(asyncio.shield(done), remaining)
                     except TimeoutError:
@@ -317,12 +366,25 @@ class SerialLine:
                     except (ValueError, OSError):
                         pass
 
-    def _timeout_message(self, timeout: float, buf: bytearray) -> str:
+    @staticmethod
+    def _shown(buf: bytearray) -> str:
+        return buf[:_HEX_SHOWN].hex(" ").upper() + (" …" if len(buf) > _HEX_SHOWN else "")
+
+    def _timeout_message(self, timeout: float, buf: bytearray, request: bytes = b"") -> str:
         if not buf:
             return f"no answer within {timeout:g} s on {self.port}"
-        shown = buf[:_HEX_SHOWN].hex(" ").upper() + (" …" if len(buf) > _HEX_SHOWN else "")
+        if request and request.startswith(bytes(buf)):
+            # An RS-485 adapter that hears its own transmitter: our request, nothing else.
+            return (f"no answer within {timeout:g} s on {self.port} (only the echo of the "
+                    "request came back)")
         return (f"no complete answer within {timeout:g} s on {self.port}: {len(buf)} bytes of "
-                f"noise or a cut-off frame ({shown}); check baud rate, parity and wiring (A/B)")
+                f"noise or a cut-off frame ({self._shown(buf)}); check baud rate, parity and "
+                "wiring (A/B)")
+
+    def _noise_message(self, limit: float, received: int, buf: bytearray) -> str:
+        return (f"no complete answer within {limit:.2g} s on {self.port}: the line never fell "
+                f"silent, {received} bytes of noise ({self._shown(buf)}); check baud rate, "
+                "parity and wiring (A/B), or the adapter")
 
 
 def _is_pty(port: str) -> bool:

@@ -1,7 +1,9 @@
 """``lmt sim <site.toml> [--port N] [--ready-file F] [--control-port N]``: serve a simulated site.
 
-Also runnable as ``python -m lmt.firmware_sim``. Exit status: 0 after a clean stop (SIGTERM,
-SIGINT), 1 when the server cannot listen, 2 for a bad command line or site file.
+The site's Modbus TCP devices on one TCP server, and each serial line of the site file (Modbus
+RTU or DL/T 645) on its own pseudo-terminal. Also runnable as ``python -m lmt.firmware_sim``.
+Exit status: 0 after a clean stop (SIGTERM, SIGINT), 1 when the server cannot listen, 2 for a
+bad command line or site file. ``--help`` summarises the site file (:data:`SITE_FILE_HELP`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,64 @@ from lmt.config.errors import ConfigError
 
 from .server import run_site
 
+DESCRIPTION = ("Serve a simulated site: its Modbus TCP devices on one TCP server, and each "
+               "serial line of the site file — Modbus RTU or DL/T 645-2007 meters — on its own "
+               "pseudo-terminal. See docs/simulator.md.")
+
+#: The site file in short, shown after the options by ``--help`` (docs/simulator.md has it all).
+SITE_FILE_HELP = """\
+site file (TOML; unknown keys are errors; examples in config/examples/):
+  [site]         name, seed, base_load_kw, daily_swing, peak_hour, noise_kw,
+                 voltage_v, power_factor, frequency_hz, import_energy_kwh
+  [server]       host (127.0.0.1), port (5020): the Modbus TCP server
+  [[lines]]      a serial line on its own pseudo-terminal: name, protocol
+                 ("modbus-rtu" or "dlt645"), baud (9600; dlt645: 2400), parity
+                 (N; dlt645: E), stop_bits (1), byte_size (8) set its timing;
+                 link: a path made a symlink to the pty. A pty carries no
+                 parity bit: open it as 8N1. The paths are logged and in F.json
+                 (--ready-file). A dlt645 line without meters is not opened.
+  [[devices]]    name, profile, line (default: the TCP server), faults, and
+                 device_id (Modbus, 1-247) or address (DL/T 645: 12 digits; a
+                 dlt645 profile, exactly on a dlt645 line)
+  [[loads]]      name, relay ("<device>.<coil point>"), kw, on
+
+DL/T 645 meters answer on their address (and the AA wildcards): read data 11
+(the profile's points, status word 3, date, time, address), follow-up reads 12,
+read address 13, broadcast time sync 08, and 1C control (trip, allow close,
+alarm, power guarantee; password 000000, level 02) with the relay state in
+status word 3. Values come from the site model, like every meter's. Meters
+that answer one request together collide: the byte-wise AND of their answers.
+
+faults ([devices.faults], per device, Modbus and DL/T 645 alike; a rate is the
+share of requests, the first fault that fires decides, in this order):
+  offline          never answers
+  no_answer_rate   the request is lost (a write or a 1C does not happen)
+  drop_rate        TCP only: the connection is closed instead of an answer
+  exception_code   a Modbus exception code (DL/T 645: an abnormal reply with
+  exception_rate     this error byte, e.g. 4 = password) for this share (1.0)
+  crc_error_rate   serial lines only: the answer's CRC / checksum is wrong
+  garbage_rate     random bytes instead of the answer
+  delay_s          answer this many seconds late
+Change them while running (--control-port N):
+  python -m lmt.firmware_sim.control N '{"device": "meter-b", "faults": {"offline": true}}'
+"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps one-paragraph texts as usual; keeps texts with line breaks as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``sim`` arguments, for embedding in another command line (``lmt sim``)."""
-    parser.add_argument("site", type=Path, help="simulated site file (TOML)")
+    """The ``sim`` arguments, for embedding in another command line (``lmt sim``); also puts
+    the site file's summary (:data:`SITE_FILE_HELP`) after the options in ``--help``."""
+    parser.epilog = SITE_FILE_HELP
+    parser.formatter_class = _HelpFormatter
+    parser.add_argument("site", type=Path, help="simulated site file (TOML), see below")
     parser.add_argument("--port", type=int, default=None,
                         help="TCP port to listen on, overriding [server].port; 0 = pick a free one")
     parser.add_argument("--ready-file", type=Path, default=None,
@@ -52,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmt sim",
-                                     description="Serve a simulated site over Modbus TCP and RTU.")
+    parser = argparse.ArgumentParser(prog="lmt sim", description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -502,8 +502,14 @@ class Dlt645Line:
         if di in m.raw:
             return m.raw[di]
         if di in m.by_di:
-            p = m.by_di[di][0]
-            return encode_point(lookup(self._values(m), p.name), p)
+            members = m.by_di[di]
+            if len(members) == 1 and not members[0].byte_offset:
+                return encode_point(lookup(self._values(m), members[0].name), members[0])
+            values = self._values(m)  # several points in one DI: each at its byte offset
+            out = bytearray(max(p.byte_offset + p.dlt_bytes for p in members))
+            for p in members:
+                out[p.byte_offset:p.byte_offset + p.dlt_bytes] = encode_point(lookup(values, p.name), p)
+            return bytes(out)
         if di == DI_STATUS_WORD_3:
             return m.status_word3().to_bytes(2, "little")
         if di in (DI_DATE, DI_TIME):

@@ -41,8 +41,14 @@ def test_read_errors_are_specific(site: int) -> None:
     res = lmt("read", "--tcp", f"127.0.0.1:{site}", "--device-id", "2", "--raw", "holding:0:1")
     assert res.returncode == 1
     assert "exception 2 (illegal data address)" in res.stderr
+    res = lmt("read", "--tcp", f"127.0.0.1:{site}", "--device-id", "2", "--raw", "holding:0:1",
+              "--json")
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["error"] == {
+        "kind": "exception", "function": 3, "code": 2, "meaning": "illegal data address",
+        "device": "id 2", "message": "id 2: function 3 answered exception 2 (illegal data address)"}
     res = lmt("read", "--tcp", f"127.0.0.1:{free_port()}", "--raw", "holding:0:1")
-    assert res.returncode == 1 and "cannot connect" in res.stderr
+    assert res.returncode == 1 and "connection refused" in res.stderr
     assert "Traceback" not in res.stderr
     res = lmt("read", "--tcp", f"127.0.0.1:{site}", "--raw", "holding:0:999")
     assert res.returncode == 2 and "count 1-125" in res.stderr

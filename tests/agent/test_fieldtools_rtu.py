@@ -22,8 +22,9 @@ SITE = SiteConfig.model_validate({
 def test_scan_and_read_an_rtu_line() -> None:
     with SiteThread(SITE) as st:
         port = st.paths["rs485"]
+        # 0.5 s: the devices present must answer within it on a loaded machine (a few ms here)
         res = subprocess.run(lmt_argv("scan", "--serial", port, "--baud", "19200", "--ids", "1-6",
-                                      "--timeout", "0.2", "--json"),
+                                      "--timeout", "0.5", "--json"),
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         found = {f["device_id"]: f["profile"] for f in json.loads(res.stdout)["found"]}

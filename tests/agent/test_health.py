@@ -18,9 +18,9 @@ def test_offline_only_after_failing_for_offline_after_s() -> None:
     h = DeviceHealth(POLICY, rng=random.Random(1))
     # (time, outcome) -> expected online afterwards, went offline now, next attempt not before
     table = [
-        (0.0, "fail", True, False, 1.0),
-        (1.0, "fail", True, False, 2.0),
-        (2.0, "fail", True, False, 3.0),
+        (0.0, "fail", True, False, 0.0),  # still online: due again at once (the next cycle)
+        (1.0, "fail", True, False, 1.0),
+        (2.0, "fail", True, False, 2.0),
         (3.0, "fail", False, True, 3.0 + 2 * 0.8),   # 3 s failing: offline, back-off starts
     ]
     for t, outcome, online, went, earliest in table:
@@ -28,6 +28,8 @@ def test_offline_only_after_failing_for_offline_after_s() -> None:
         assert h.failure(t, "no answer") is went, t
         assert h.online is online, t
         assert h.next_attempt >= earliest, t
+        if online:
+            assert h.next_attempt == t, t
     # back-off doubles (±20 % jitter) up to the ceiling
     waits = []
     t = h.next_attempt
@@ -52,9 +54,58 @@ def test_a_single_error_does_not_mark_offline() -> None:
 def test_urgent_retries_every_cycle_while_offline() -> None:
     h = DeviceHealth(HealthPolicy(offline_after_s=0.0, retry_interval_s=1.0, backoff_max_s=60))
     assert h.failure(0.0, "x") is True
-    for t in (1.0, 2.0, 3.0):
+    for t in (1.3, 2.3, 3.3):  # each failure noticed 0.3 s into the cycle (a timeout)
         h.failure(t, "x", urgent=True)
-        assert h.next_attempt == pytest.approx(t + 1.0)
+        assert h.due(t - 0.3 + 1.0), t  # the next cycle retries it
+
+
+def test_a_failing_device_is_retried_on_the_very_next_cycle() -> None:
+    """Cycles start every second; a read fails 0.4 s into a cycle (its timeout). Until the
+    device is declared offline, every cycle retries it: none is skipped."""
+    h = DeviceHealth(POLICY, rng=random.Random(2))
+    attempts = []
+    for cycle in range(8):
+        start = float(cycle)
+        if h.due(start):
+            attempts.append(cycle)
+            h.failure(start + 0.4, "no answer within 0.40 s")
+    # failing since 0.4 s, offline at the read of 3.4 s (3 s later): every cycle until then
+    assert attempts[:4] == [0, 1, 2, 3]
+    assert not h.online
+    # then the back-off: the next attempt at least 2 × 0.8 s after that failure
+    assert 4 not in attempts
+
+
+def test_read_deadline_is_per_transaction_plus_wire_time() -> None:
+    h = DeviceHealth(POLICY)
+    # 16 requests of a DL/T 645 meter at 2400 bit/s: 1 s each before its latency is known,
+    # plus 2.5 s on the wire
+    assert h.deadline_s(16, 2.5) == pytest.approx(16 * 1.0 + 2.5)
+    assert h.deadline_s(1) == pytest.approx(1.0)  # one block over TCP: the timeout itself
+    assert h.deadline_s(0) == pytest.approx(1.0)  # never less than one request
+    # learned per transaction: 0.05 s each -> 0.2 s (the floor) per request
+    h.success(0, 0.05)
+    assert h.deadline_s(16, 2.5) == pytest.approx(16 * 0.2 + 2.5)
+    # a slow line (timeout_s 3 s) keeps its own timeout until it answers
+    slow = DeviceHealth(HealthPolicy(timeout_s=3.0, max_timeout_s=5.0))
+    assert slow.deadline_s(4, 0.4) == pytest.approx(4 * 3.0 + 0.4)
+
+
+def test_failing_points_are_reported_when_the_set_changes() -> None:
+    h = DeviceHealth(POLICY)
+    asked = ["power_w", "frequency_hz", "power_factor"]
+    block = (("frequency_hz", "power_factor"), "exception 2")
+    newly, back = h.points_read(asked, {"power_w": 1.0}, [block])
+    assert newly == [(["frequency_hz", "power_factor"], "exception 2")] and back == []
+    for _ in range(3):  # still failing: nothing new
+        assert h.points_read(asked, {"power_w": 1.0}, [block]) == ([], [])
+    # points not asked this cycle (not due) are neither failed nor recovered
+    assert h.points_read(["power_w"], {"power_w": 1.0}, []) == ([], [])
+    newly, back = h.points_read(asked, {"power_w": 1.0, "power_factor": 0.9},
+                                [(("frequency_hz",), "exception 2")])
+    assert newly == [] and back == ["power_factor"]
+    newly, back = h.points_read(asked, dict.fromkeys(asked, 1.0), [])
+    assert newly == [] and back == ["frequency_hz"] and h.failing_points == {}
 
 
 def test_timeout_adapts_to_latency() -> None:

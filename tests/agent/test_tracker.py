@@ -21,3 +21,34 @@ def test_streams_and_terminals_are_independent() -> None:
     assert t.accept("a", "telemetry", 1)
     assert t.accept("a", "events", 4)
     assert t.open_gaps() == [("a", "events", 2, 3)]
+
+
+def test_live_ahead_of_the_backlog_is_not_a_duplicate() -> None:
+    """After an outage the terminal sends live records first and the backlog behind them."""
+    t = StreamTracker()
+    order = [101, 102, 103, 1, 2, 3, 104, *range(4, 101), 105]
+    assert all(t.accept("a", "telemetry", s) for s in order)
+    assert t.duplicates == 0 and t.gaps == [] and t.open_gaps() == []
+    assert t.delivered[("a", "telemetry")] == 105
+    assert not t.accept("a", "telemetry", 50) and t.duplicates == 1
+
+
+def test_a_hole_between_backlog_and_live_stays_open_until_filled() -> None:
+    t = StreamTracker()
+    for s in (201, 202, 1, 2, 3, 210):
+        t.accept("a", "telemetry", s)
+    assert t.gaps == [("a", "telemetry", 203, 209)]
+    assert t.open_gaps() == [("a", "telemetry", 4, 200), ("a", "telemetry", 203, 209)]
+    for s in range(4, 201):
+        t.accept("a", "telemetry", s)
+    assert t.open_gaps() == [("a", "telemetry", 203, 209)]
+
+
+def test_a_dropped_range_is_excused_not_a_gap() -> None:
+    t = StreamTracker()
+    for s in (1, 2, 3, 40, 41):
+        t.accept("a", "telemetry", s)
+    assert t.open_gaps() == [("a", "telemetry", 4, 39)]
+    t.excuse("a", "telemetry", 4, 39)  # a telemetry_dropped event named it
+    assert t.open_gaps() == []
+    assert t.delivered[("a", "telemetry")] == 41

@@ -137,3 +137,60 @@ def test_profile_checks(tmp_path: Path) -> None:
         load_profile_file(p)
     assert "points[0]" in str(ei.value) and "must have type 'bool'" in str(ei.value)
     assert PROFILE_DIR.is_dir()
+
+
+def test_a_load_must_be_a_writable_coil(tmp_path: Path) -> None:
+    # the EV charger's current setpoint is writable, but a holding register: write_coil would
+    # refuse it in the middle of a command
+    text = BASE.format(port=502) + (
+        '\n[[devices]]\nname = "ev"\nprofile = "alfen-ng9xx"\nhost = "127.0.0.1"\n'
+        '\n[[devices]]\nname = "relays"\nprofile = "generic-relay-8"\nhost = "127.0.0.1"\n'
+        '\n[[loads]]\nname = "pump"\ndevice = "relays"\npoint = "relay_1"\nrated_kw = 5\n'
+        '\n[[loads]]\nname = "ev"\ndevice = "ev"\npoint = "ev_setpoint_a"\nrated_kw = 11\n')
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as ei:
+        load_agent_config(p)
+    msg = str(ei.value)
+    assert str(p) in msg and "loads[1].point" in msg and "loads[0]" not in msg
+    assert "ev.ev_setpoint_a (alfen-ng9xx) is a holding register point" in msg
+    assert "writable coil" in msg
+    # the coil alone is fine
+    load_agent_config(_write(tmp_path, text[:text.rindex("[[loads]]")]))
+
+
+LINES = """
+[[lines]]
+name = "{a}"
+port = "{port_a}"
+protocol = "modbus-rtu"
+
+[[lines]]
+name = "{b}"
+port = "{port_b}"
+protocol = "dlt645"
+"""
+
+
+def test_lines_have_unique_names_and_ports(tmp_path: Path) -> None:
+    def check(**kw: str) -> str:
+        p = _write(tmp_path, BASE.format(port=502) + LINES.format(**kw))
+        with pytest.raises(ConfigError) as ei:
+            load_agent_config(p)
+        assert str(p) in str(ei.value)
+        return str(ei.value)
+
+    msg = check(a="rs485", port_a="/dev/ttyUSB0", b="meters", port_b="/dev/ttyUSB0")
+    assert "lines[1].port" in msg and "'meters'" in msg and "'rs485'" in msg
+    assert "cannot share a serial port" in msg
+    # the same port through a link (as /dev/serial/by-id/ names adapters)
+    (tmp_path / "tty-real").touch()
+    (tmp_path / "by-id-link").symlink_to(tmp_path / "tty-real")
+    msg = check(a="rs485", port_a=str(tmp_path / "tty-real"), b="meters",
+                port_b=str(tmp_path / "by-id-link"))
+    assert "lines[1].port" in msg and "the same port as" in msg
+    msg = check(a="rs485", port_a="/dev/ttyUSB0", b="rs485", port_b="/dev/ttyUSB1")
+    assert "lines[1].name" in msg and "'rs485' is used twice" in msg
+    # distinct names and ports validate
+    ok = _write(tmp_path, BASE.format(port=502) + LINES.format(
+        a="rs485", port_a="/dev/ttyUSB0", b="meters", port_b="/dev/ttyUSB1"))
+    assert [ln.name for ln in load_agent_config(ok).lines] == ["rs485", "meters"]

@@ -38,7 +38,7 @@ def h(text: str) -> bytes:
     return bytes.fromhex(text)
 
 
-# The worked examples of /work/shared/domain/dlt645.md.
+# The worked examples of the DL/T 645-2007 domain notes.
 READ_REQUEST = h("FE FE FE FE 68 12 90 78 56 34 12 68 11 04 33 33 34 33 68 16")
 READ_REPLY = h("68 12 90 78 56 34 12 68 91 08 33 33 34 33 89 67 45 33 54 16")
 READ_ADDRESS = h("FE FE FE FE 68 AA AA AA AA AA AA 68 13 00 DF 16")

@@ -120,3 +120,59 @@ def test_connection_dropped_midway_is_a_typed_error_and_recovers() -> None:
         finally:
             await site2.stop()
     with_site(body)
+
+
+# A sub-meter whose firmware lacks the power-factor/frequency register group of its profile:
+# the simulator serves it without those points, so that block answers exception 2 (illegal
+# data address) while the other three blocks answer.
+ADL400 = load_profile("acrel-adl400")
+PF_BLOCK = ("power_factor_l1", "power_factor_l2", "power_factor_l3", "power_factor",
+            "frequency_hz")
+ADL400_NO_PF = ADL400.model_copy(update={"points": tuple(p for p in ADL400.points
+                                                          if p.name not in PF_BLOCK)})
+PARTIAL_SITE = {"site": {"seed": 3}, "devices": [
+    {"name": "main-meter", "profile": "eastron-sdm630", "device_id": 1},
+    {"name": "sub", "profile": "acrel-adl400", "device_id": 3}]}
+
+
+def test_one_failing_block_leaves_the_others_read() -> None:
+    from lmt.config.site import SiteConfig
+
+    async def main() -> None:
+        site = SimulatedSite(SiteConfig.model_validate(PARTIAL_SITE), port=0, clock=lambda: T0,
+                             profiles={"acrel-adl400": ADL400_NO_PF})
+        port = await site.start()
+        bus = ModbusTcpBus("127.0.0.1", port, timeout_s=1.0)
+        sub = ModbusDevice("sub", bus, 3, ADL400)
+        try:
+            assert sub.transactions() == 4 and sub.wire_time_s() == 0.0  # TCP: no wire time
+            # strict (the default, as the field tools read): any failing block raises
+            with pytest.raises(DeviceException) as ei:
+                await sub.read_points()
+            assert ei.value.code == 2
+            # partial: the three good blocks are read, the failing one is left out and named
+            values = await sub.read_points(partial=True)
+            assert set(values) == {p.name for p in ADL400.points} - set(PF_BLOCK)
+            assert values["voltage_l1_v"] == pytest.approx(230.0, rel=0.1)
+            assert values["import_energy_kwh"] > 0
+            [(points, exc)] = sub.last_failures
+            assert points == PF_BLOCK
+            assert isinstance(exc, DeviceException) and exc.code == 2
+            assert "illegal data address" in str(exc)
+            # every block failing is a failure of the device, as before
+            with pytest.raises(DeviceException):
+                await sub.read_points(["frequency_hz", "power_factor"], partial=True)
+            assert sub.last_failures == []
+            # a device that does not answer at all still raises: unreachable, not partial
+            ghost = ModbusDevice("ghost", bus, 9, ADL400)
+            with pytest.raises(DeviceException) as ei:
+                await ghost.read_points(partial=True)
+            assert ei.value.code == 11
+            # an answering device with nothing failing: no failures listed
+            meter = ModbusDevice("main-meter", bus, 1, load_profile("eastron-sdm630"))
+            assert "power_w" in await meter.read_points(partial=True)
+            assert meter.last_failures == []
+        finally:
+            bus.close()
+            await site.stop()
+    asyncio.run(main())
