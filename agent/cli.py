@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{len(cfg.loads)} loads)")
         return 0
     from .buffer import BufferError
-    from .daemon import Agent
+    from .daemon import Agent, AgentFailed
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except BufferError as exc:
+    except (BufferError, AgentFailed) as exc:
         print(f"lmt run: {exc}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as exc:

@@ -53,6 +53,10 @@ class ActiveControl:
     cancel_id: str | None = None
 
 
+class AgentFailed(RuntimeError):
+    """The agent stopped because one of its tasks failed (the service should restart it)."""
+
+
 SWITCH_RETRY_S = 30.0  # a load whose relay failed is left out of shedding this long
 
 
@@ -96,6 +100,9 @@ class Agent:
         self.sync_wake = asyncio.Event()
         self.link: MqttLink | None = None
         self.syncer: Syncer | None = None
+        self._line_tasks: dict[int, asyncio.Task[None]] = {}
+        self._fresh: set[str] = set()  # devices read since the cycle last looked
+        self._cycle_deadline = 0.0  # monotonic: when this cycle's interval is up
 
     def _policy(self, d: DeviceConfig) -> HealthPolicy:
         """A device's health policy: response timeouts per transaction, from its line's own
@@ -139,55 +146,87 @@ class Agent:
 
     # -- polling ------------------------------------------------------------------------------
     async def poll_devices(self) -> set[str]:
-        """Read every device that is due; return the names read successfully (also when some
-        of their points failed: those are reported by :meth:`_points_changed`)."""
-        fresh: set[str] = set()
+        """Read every device that is due; return the names read successfully since the last
+        call (also when some of their points failed: :meth:`_points_changed` reports those).
+
+        Each transport (a serial line, a TCP connection) is polled by its own task, its devices
+        one after another (one transaction at a time per line), the transports side by side.
+        The cycle waits for them until its interval is up; a line still busy then (a slow
+        2400-baud line) carries on in the background and its readings count for the next
+        cycle, so it never holds up the main meter on another transport."""
+        by_transport: dict[int, list[str]] = {}
         for name, dev in self.devices.items():
-            h = self.health[name]
-            if not h.due(self.mono()):
-                continue
-            ts, t0 = self.clock(), self.mono()
-            last = self._last_read[name]
-            names = due_names(dev, last, t0, self.cfg.poll.interval_s * 0.9,
-                              self.cfg.poll.slow_interval_s)
-            if not names:
-                continue
-            # The timeout is per transaction: a read of n requests gets n timeouts, plus the
-            # time its frames take on a serial line.
-            n, wire = dev.transactions(names), dev.wire_time_s(names)
-            deadline = h.deadline_s(n, wire)
-            try:
-                values = await asyncio.wait_for(dev.read_points(names, partial=True), deadline)
-            except (DriverError, TimeoutError) as exc:
-                if isinstance(exc, TimeoutError):
-                    transport_of(dev).close()  # drop the half-finished transaction
-                error = str(exc) or (f"no answer within {deadline:.2f} s ({n} requests, "
-                                     f"{h.timeout_s:.2f} s each)")
-                urgent = self.active is not None and name == self.cfg.control.main_meter
-                if h.failure(self.mono(), error, urgent=urgent):
-                    log.warning("device %s offline: %s", name, error)
-                    self.event("device_offline", device=name, error=error,
-                               failing_s=round(self.mono() - (h.failing_since or t0), 3))
-                continue
-            elapsed = self.mono() - t0
-            if h.success(self.mono(), max(0.0, elapsed - wire) / max(1, n)):
-                log.info("device %s back online", name)
-                self.event("device_online", device=name)
-            self._points_changed(name, names, values, dev.last_failures)
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                     for k, v in values.items()}
-            last.update(dict.fromkeys(clean, t0))
-            merged = {**self.latest[name][1], **clean} if name in self.latest else clean
-            for points, _ in dev.last_failures:  # never taken for fresh (control, load states)
-                for p in points:
-                    merged.pop(p, None)
-            self.latest[name] = (self.mono(), merged)
-            self._pending_readings.append({"ts": ts, "device": name, "values": clean})
-            fresh.add(name)
+            by_transport.setdefault(id(transport_of(dev)), []).append(name)
+        started = []
+        for key, names in by_transport.items():
+            task = self._line_tasks.get(key)
+            if task is None or task.done():
+                task = self._line_tasks[key] = asyncio.create_task(self._poll_line(names))
+                started.append(task)
+        if started:
+            wait = max(0.0, self._cycle_deadline - self.mono())
+            await asyncio.wait(started, timeout=wait if wait > 0 else None)
+        fresh, self._fresh = self._fresh, set()
         # Write the batch now if holding it until the next cycle would pass the flush interval.
         if self.mono() + self.cfg.poll.interval_s > self._last_flush + self.cfg.buffer.flush_interval_s:
             self.flush_readings()
         return fresh
+
+    async def _poll_line(self, names: list[str]) -> None:
+        for name in names:
+            if await self._poll_device(name):
+                self._fresh.add(name)
+
+    async def _stop_polling(self) -> None:
+        tasks = [t for t in self._line_tasks.values() if not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _poll_device(self, name: str) -> bool:
+        """Read one device if it is due; True when it answered."""
+        dev = self.devices[name]
+        h = self.health[name]
+        if not h.due(self.mono()):
+            return False
+        ts, t0 = self.clock(), self.mono()
+        last = self._last_read[name]
+        names = due_names(dev, last, t0, self.cfg.poll.interval_s * 0.9,
+                          self.cfg.poll.slow_interval_s)
+        if not names:
+            return False
+        # The timeout is per transaction: a read of n requests gets n timeouts, plus the
+        # time its frames take on a serial line.
+        n, wire = dev.transactions(names), dev.wire_time_s(names)
+        deadline = h.deadline_s(n, wire)
+        try:
+            values = await asyncio.wait_for(dev.read_points(names, partial=True), deadline)
+        except (DriverError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                transport_of(dev).close()  # drop the half-finished transaction
+            error = str(exc) or (f"no answer within {deadline:.2f} s ({n} requests, "
+                                 f"{h.timeout_s:.2f} s each)")
+            urgent = self.active is not None and name == self.cfg.control.main_meter
+            if h.failure(self.mono(), error, urgent=urgent):
+                log.warning("device %s offline: %s", name, error)
+                self.event("device_offline", device=name, error=error,
+                           failing_s=round(self.mono() - (h.failing_since or t0), 3))
+            return False
+        elapsed = self.mono() - t0
+        if h.success(self.mono(), max(0.0, elapsed - wire) / max(1, n)):
+            log.info("device %s back online", name)
+            self.event("device_online", device=name)
+        self._points_changed(name, names, values, dev.last_failures)
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in values.items()}
+        last.update(dict.fromkeys(clean, t0))
+        merged = {**self.latest[name][1], **clean} if name in self.latest else clean
+        for points, _ in dev.last_failures:  # never taken for fresh (control, load states)
+            for p in points:
+                merged.pop(p, None)
+        self.latest[name] = (self.mono(), merged)
+        self._pending_readings.append({"ts": ts, "device": name, "values": clean})
+        return True
 
     def _points_changed(self, name: str, asked: list[str], values: dict[str, Any],
                         failures: list[tuple[tuple[str, ...], DriverError]]) -> None:
@@ -455,6 +494,7 @@ class Agent:
         interval = self.cfg.poll.interval_s
         next_at = time.monotonic()
         while not stop.is_set():
+            self._cycle_deadline = self.mono() + interval
             self.process_commands()
             fresh = await self.poll_devices()
             await self.control_step(fresh)
@@ -492,9 +532,32 @@ class Agent:
                  len(self.devices), len(self.load_specs), self.cfg.mqtt.host, self.cfg.mqtt.port)
         sync_stop = asyncio.Event()
         sync = asyncio.create_task(self.sync_loop(sync_stop))
+        failed: list[BaseException] = []
+
+        def sync_ended(task: asyncio.Task[None]) -> None:
+            # The sync never ends by itself: if it failed (the buffer unreadable, say), stop
+            # the agent with an error, so the service manager restarts it, rather than keep
+            # polling while nothing is published.
+            if task.cancelled() or sync_stop.is_set() or task.exception() is None:
+                return
+            exc = task.exception()
+            assert exc is not None
+            log.error("the sync task failed: %s: %s; stopping", type(exc).__name__, exc,
+                      exc_info=exc)
+            failed.append(exc)
+            stop.set()
+
+        async def wake_on_stop() -> None:  # a stop (SIGTERM) ends the cycle's wait at once
+            await stop.wait()
+            self.wake.set()
+
+        sync.add_done_callback(sync_ended)
+        waker = asyncio.create_task(wake_on_stop())
         try:
             await self.cycle_loop(stop)
         finally:
+            waker.cancel()
+            await self._stop_polling()
             self.stopping = True
             self.link.unsubscribe_commands()
             self.process_commands()  # answered: rejected, the terminal is stopping
@@ -507,8 +570,12 @@ class Agent:
             except TimeoutError:
                 log.warning("stopping with unacknowledged messages; they stay in the buffer")
                 sync.cancel()
+            except Exception:  # already logged by sync_ended
+                pass
             self.link.stop()
             for transport in self.transports:
                 transport.close()
             self.buffer.close()
             log.info("terminal %s stopped", self.terminal)
+        if failed:
+            raise AgentFailed(f"the sync task failed: {type(failed[0]).__name__}: {failed[0]}")

@@ -285,6 +285,7 @@ def watch(host: str, port: int, prefix: str, terminal: str = "+", *, as_json: bo
           stream: TextIO = sys.stdout, options: BrokerOptions | None = None) -> StreamTracker:
     """Print telemetry, events, results and status as they arrive; return the tracker."""
     tracker = StreamTracker()
+    announced: list[tuple[str, str, int, int]] = []  # gaps printed and not yet filled
     client = _Client(host, port, options=options)
     client.connect([f"{prefix}/{terminal}/#"])
     n = 0
@@ -329,10 +330,23 @@ def watch(host: str, port: int, prefix: str, terminal: str = "+", *, as_json: bo
                     if isinstance(first, int) and isinstance(last, int):
                         tracker.excuse(term, str(data.get("stream", "telemetry")), first, last)
                 for g in tracker.gaps[gaps_before:]:
+                    announced.append(g)
                     line = (json.dumps({"gap": {"terminal": g[0], "stream": g[1],
                                                 "first": g[2], "last": g[3]}})
-                            if as_json else f"GAP {g[0]} {g[1]} #{g[2]}..#{g[3]} missing")
+                            if as_json else f"GAP {g[0]} {g[1]} #{g[2]}..#{g[3]} missing "
+                                            "(a backlog after an outage fills it)")
                     print(line, file=stream, flush=True)
+                inside = [g for g in announced
+                          if g[0] == term and g[1] == sname and g[2] <= seq <= g[3]]
+                if inside:  # this record fell into a reported gap: is the gap whole now?
+                    still = tracker.open_gaps()
+                    for g in [g for g in inside if not any(
+                            o[:2] == g[:2] and o[2] <= g[3] and o[3] >= g[2] for o in still)]:
+                        announced.remove(g)
+                        line = (json.dumps({"filled": {"terminal": g[0], "stream": g[1],
+                                                       "first": g[2], "last": g[3]}})
+                                if as_json else f"FILLED {g[0]} {g[1]} #{g[2]}..#{g[3]}")
+                        print(line, file=stream, flush=True)
                 if as_json:
                     print(json.dumps({"terminal": term, "stream": sname,
                                       "historical": batch.get("historical", False),
@@ -343,6 +357,8 @@ def watch(host: str, port: int, prefix: str, terminal: str = "+", *, as_json: bo
                 n += 1
                 if count is not None and n >= count:
                     return tracker
+    except KeyboardInterrupt:  # Ctrl-C ends a watch: the caller still gets the summary
+        pass
     finally:
         client.close()
     return tracker

@@ -225,7 +225,7 @@ def main() -> None:
                 rate = Sync().backlog_rate
                 # With the default limit the backlog goes at `rate` while live data (50/s)
                 # flows beside it: the drain time is set by the limit, not by the machine.
-                emit("drain_1h_50_devices_default_rate", len(hour) / rate, "s", t_ours)
+                emit("drain_1h_50_devices_default_rate_computed", len(hour) / rate, "s", t_ours)
 
 
 if __name__ == "__main__":

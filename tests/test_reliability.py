@@ -232,3 +232,43 @@ def test_clean_stop_keeps_memory_and_sends_nothing_twice(tmp_path: Path, site: i
         if agent.poll() is None:
             agent.kill()
         consumer.close()
+
+
+def test_sigterm_is_prompt_even_with_a_long_poll_interval(tmp_path: Path, site: int,
+                                                          broker: Broker) -> None:
+    """systemd waits 20 s before SIGKILL: the stop must not wait for the next cycle."""
+    cfg, _ = write_agent_config(tmp_path, site, broker.port, poll={"interval_s": 60.0})
+    db = tmp_path / "buffer.sqlite"
+    agent = start_agent(cfg)
+    try:
+        wait_until(lambda: db.exists() and written(db) > 0, 30, "the first reading")
+        t0 = time.monotonic()
+        agent.terminate()
+        assert agent.wait(15) == 0
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
+def test_a_failing_sync_stops_the_agent_with_an_error(tmp_path: Path, site: int,
+                                                      broker: Broker) -> None:
+    """If publishing from the buffer fails for good, the agent stops with an error (so the
+    service manager restarts it) instead of polling on while nothing is published."""
+    from lmt.agent.daemon import Agent, AgentFailed
+    from lmt.config import load_agent_config
+    from tests.agent.harness import AgentThread
+
+    cfg, _ = write_agent_config(tmp_path, site, broker.port, poll={"interval_s": 0.2})
+    runner = AgentThread(Agent(load_agent_config(cfg))).start()
+    agent = runner.agent
+    wait_until(lambda: agent.syncer is not None and agent.syncer.sent_live > 0, 30,
+               "the first message")
+
+    def broken(*args: object, **kw: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    agent.buffer.pending_batch = broken  # type: ignore[method-assign]
+    runner.thread.join(20)
+    assert not runner.thread.is_alive(), "the agent kept running without its sync"
+    assert isinstance(runner.error, AgentFailed) and "disk I/O error" in str(runner.error)

@@ -5,6 +5,7 @@ and is reported once, and an unexpected error while switching a load does not st
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -250,3 +251,37 @@ def test_a_lines_own_timeout_is_the_per_request_timeout(tmp_path: Path, broker: 
             4 * 0.5 + dev.wire_time_s())
     finally:
         agent.buffer.close()
+
+
+def test_a_slow_line_does_not_hold_up_the_main_meter(tmp_path: Path, broker: Broker) -> None:
+    """A DL/T 645 meter at 2400 bit/s takes seconds to read; the main meter on its own TCP
+    connection is still read every cycle."""
+    site = SiteConfig.model_validate({
+        "site": {"seed": 5},
+        "lines": [{"name": "meters", "protocol": "dlt645", "baud": 2400}],
+        "devices": [{"name": "main", "profile": "eastron-sdm630", "device_id": 1},
+                    {"name": "utility", "profile": "dlt645-2007-3phase", "line": "meters",
+                     "address": METER_ADDRESS}]})
+    with SiteThread(site) as st:
+        path = agent_file(
+            tmp_path, broker, poll={"interval_s": 0.5},
+            lines=[{"name": "meters", "port": st.paths["meters"], "protocol": "dlt645",
+                    "baud": 2400}],
+            devices=[{"name": "main", "profile": "eastron-sdm630", "host": "127.0.0.1",
+                      "port": st.port, "device_id": 1},
+                     {"name": "utility", "profile": "dlt645-2007-3phase", "line": "meters",
+                      "address": METER_ADDRESS}],
+            control={"main_meter": "main"})
+        streams = Streams(broker, "t-dev")
+        runner = AgentThread(Agent(load_agent_config(path))).start()
+        try:
+            wait_until(lambda: len(streams.of_device("utility")) >= 2, 40,
+                       "two readings of the slow meter")
+            slow = [r["ts"] for r in streams.of_device("utility")]
+            assert slow[1] - slow[0] > 1.0, "the 2400-baud meter was not slow: test proves nothing"
+            main = [r["ts"] for r in streams.of_device("main") if slow[0] <= r["ts"] <= slow[1]]
+            gaps = [b - a for a, b in itertools.pairwise(main)]
+            assert len(main) >= 3 and max(gaps) < 1.2, (main, slow)
+        finally:
+            runner.stop()
+            streams.close()

@@ -52,3 +52,45 @@ def test_a_dropped_range_is_excused_not_a_gap() -> None:
     t.excuse("a", "telemetry", 4, 39)  # a telemetry_dropped event named it
     assert t.open_gaps() == []
     assert t.delivered[("a", "telemetry")] == 41
+
+
+def test_watch_reports_a_gap_and_its_filling(broker) -> None:  # type: ignore[no-untyped-def]
+    """`lmt platform watch` over a real broker: live records ahead of the backlog print a GAP,
+    the backlog arriving prints FILLED, and a repeat is dropped."""
+    import io
+    import json
+    import threading
+
+    from lmt.agent.platform import _Client, watch
+    from tests.conftest import wait_until
+
+    out = io.StringIO()
+    done: list[StreamTracker] = []
+    th = threading.Thread(target=lambda: done.append(
+        watch("127.0.0.1", broker.port, "lmt/v1", "w-1", count=6, duration_s=30, stream=out)),
+        daemon=True)
+    th.start()
+    pub = _Client("127.0.0.1", broker.port)
+    pub.connect([])
+
+    def send(seqs: list[int], historical: bool) -> None:
+        pub.c.publish("lmt/v1/w-1/telemetry", json.dumps(
+            {"terminal": "w-1", "stream": "telemetry", "historical": historical,
+             "records": [{"seq": s, "ts": 1.0, "device": "m", "values": {}} for s in seqs]}),
+            qos=1).wait_for_publish(5)
+
+    def sent_until(seqs: list[int], historical: bool, text: str) -> bool:
+        send(seqs, historical)  # repeated until the watcher shows it: repeats are dropped
+        return text in out.getvalue()
+
+    try:
+        wait_until(lambda: sent_until([1, 2], False, "#2"), 15, "the first records")
+        wait_until(lambda: sent_until([5, 6], False, "GAP"), 15, "live records ahead")
+        send([3, 4], True)
+        th.join(15)
+    finally:
+        pub.close()
+    text = out.getvalue()
+    assert "GAP w-1 telemetry #3..#4 missing" in text
+    assert "FILLED w-1 telemetry #3..#4" in text
+    assert done and done[0].open_gaps() == []
