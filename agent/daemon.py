@@ -32,7 +32,7 @@ from lmt.drivers.errors import DriverError
 
 from . import lmt_version
 from .buffer import Buffer, Record
-from .devices import build_devices, due_names, transport_of
+from .devices import build_devices, due_names, set_request_timeout, transport_of
 from .health import DeviceHealth, HealthPolicy
 from .messages import CancelCommand, CapCommand, Command, ShedCommand, Status
 from .mqtt import MqttLink, Topics
@@ -157,6 +157,9 @@ class Agent:
         by_transport: dict[int, list[str]] = {}
         for name, dev in self.devices.items():
             by_transport.setdefault(id(transport_of(dev)), []).append(name)
+        if len(by_transport) == 1 and not self._line_tasks:  # one transport: no task needed
+            await self._poll_line(next(iter(by_transport.values())))
+            by_transport = {}
         started = []
         for key, names in by_transport.items():
             task = self._line_tasks.get(key)
@@ -199,6 +202,7 @@ class Agent:
         # time its frames take on a serial line.
         n, wire = dev.transactions(names), dev.wire_time_s(names)
         deadline = h.deadline_s(n, wire)
+        set_request_timeout(dev, h.timeout_s)
         try:
             values = await asyncio.wait_for(dev.read_points(names, partial=True), deadline)
         except (DriverError, TimeoutError) as exc:
@@ -207,7 +211,8 @@ class Agent:
             error = str(exc) or (f"no answer within {deadline:.2f} s ({n} requests, "
                                  f"{h.timeout_s:.2f} s each)")
             urgent = self.active is not None and name == self.cfg.control.main_meter
-            if h.failure(self.mono(), error, urgent=urgent):
+            timed_out = isinstance(exc, TimeoutError) or "no answer" in error
+            if h.failure(self.mono(), error, urgent=urgent, timed_out=timed_out):
                 log.warning("device %s offline: %s", name, error)
                 self.event("device_offline", device=name, error=error,
                            failing_s=round(self.mono() - (h.failing_since or t0), 3))

@@ -42,6 +42,16 @@ def transport_of(dev: Any) -> Transport:
     return dev.bus if isinstance(dev, ModbusDevice) else dev.line
 
 
+def set_request_timeout(dev: Any, timeout_s: float) -> None:
+    """The response timeout of each of this device's next requests (the adaptive one) where
+    the transport takes one per request: Modbus TCP and DL/T 645. A Modbus RTU line keeps its
+    configured timeout (``[[lines]] timeout_s``)."""
+    if isinstance(dev, Dlt645Meter):
+        dev.timeout_s = timeout_s
+    elif isinstance(dev, ModbusDevice) and isinstance(dev.bus, ModbusTcpBus):
+        dev.bus.request_timeout_s = timeout_s
+
+
 def due_names(dev: Any, last_read: dict[str, float], now: float, fast_s: float, slow_s: float
               ) -> list[str]:
     """Points older than their poll class allows: fast ones every cycle, slow ones (energy
@@ -60,7 +70,12 @@ def build_devices(cfg: AgentConfig) -> tuple[dict[str, Any], list[Transport]]:
         profile = load_profile(d.profile)
         if d.line is None:
             assert d.host is not None
-            bus = tcp.setdefault((d.host, d.port), ModbusTcpBus(d.host, d.port, timeout))
+            if (d.host, d.port) not in tcp:
+                # pymodbus's timeout is the ceiling; each request gets the adaptive one
+                tcp[(d.host, d.port)] = ModbusTcpBus(d.host, d.port,
+                                                     max(cfg.poll.max_timeout_s, timeout))
+                tcp[(d.host, d.port)].request_timeout_s = timeout
+            bus = tcp[(d.host, d.port)]
             devices[d.name] = ModbusDevice(d.name, bus, d.device_id, profile)
             continue
         line = cfg.line(d.line)

@@ -45,6 +45,7 @@ class DeviceHealth:
     next_attempt: float = 0.0
     last_error: str = ""
     latency_s: float | None = None  # smoothed observed latency per transaction
+    boost: float = 1.0  # grows while requests time out, so a slow device gets a longer one
     failing_points: dict[str, str] = field(default_factory=dict)  # point -> error
     rng: random.Random = field(default_factory=random.Random)
 
@@ -52,9 +53,8 @@ class DeviceHealth:
     def timeout_s(self) -> float:
         """The response timeout of one transaction."""
         p = self.policy
-        if self.latency_s is None:
-            return min(p.timeout_s, p.max_timeout_s)
-        return min(p.max_timeout_s, max(p.min_timeout_s, 4.0 * self.latency_s))
+        base = p.timeout_s if self.latency_s is None else max(p.min_timeout_s, 4.0 * self.latency_s)
+        return min(p.max_timeout_s, base * self.boost)
 
     def deadline_s(self, transactions: int, wire_time_s: float = 0.0) -> float:
         """How long a read of ``transactions`` requests may take: the response timeout for
@@ -70,19 +70,25 @@ class DeviceHealth:
         self.latency_s = latency_s if self.latency_s is None else \
             0.8 * self.latency_s + 0.2 * latency_s
         back = not self.online
+        self.boost = 1.0
         self.online, self.failures, self.failing_since, self.backoff_step = True, 0, None, 0
         self.next_attempt = now
         return back
 
-    def failure(self, now: float, error: str, *, urgent: bool = False) -> bool:
+    def failure(self, now: float, error: str, *, urgent: bool = False,
+                timed_out: bool = False) -> bool:
         """Record a failure; True when the device has now been failing long enough to be
-        declared offline.
+        declared offline. ``timed_out``: no answer in time; the next request waits 1.5 times
+        longer (up to ``max_timeout_s``), so a device slower than the configured timeout is
+        found and its latency learned.
 
         Until then it is due again at once (the next cycle retries it: a failure at the end
         of a cycle must not skip the following one); once offline it backs off, unless
         ``urgent`` (the main meter while a command is active), which retries every cycle."""
         self.failures += 1
         self.last_error = error
+        if timed_out:
+            self.boost = min(self.boost * 1.5, 1e3)
         if self.failing_since is None:
             self.failing_since = now
         went_offline = self.online and now - self.failing_since >= self.policy.offline_after_s

@@ -60,6 +60,9 @@ class ModbusBus:
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
+        #: A shorter timeout per request, changed between requests (the agent's adaptive
+        #: timeout); ``timeout_s`` stays pymodbus's own ceiling. None: ``timeout_s`` alone.
+        self.request_timeout_s: float | None = None
         self._client: ModbusBaseClient | None = None
         self._lock: asyncio.Lock | None = None
         self.transactions = 0
@@ -175,13 +178,21 @@ class ModbusBus:
             self._lost = False
             self._answer.clear()
             try:
-                rr = await coro_factory(client)
+                if self.request_timeout_s is None:
+                    rr = await coro_factory(client)
+                else:
+                    rr = await asyncio.wait_for(coro_factory(client), self.request_timeout_s)
+            except TimeoutError as exc:  # ours (the agent's adaptive timeout), or pymodbus's
+                client.close()  # drop the half-finished transaction
+                reason = (f"no answer within {self.request_timeout_s:g} s"
+                          if self.request_timeout_s is not None else f"connection failed: {exc}")
+                raise DeviceUnavailable(label, reason) from exc
             except ModbusException as exc:
                 reason = self._no_answer(exc)
                 if self._close_after_failure():
                     client.close()
                 raise DeviceUnavailable(label, reason) from exc
-            except (TimeoutError, OSError) as exc:
+            except OSError as exc:
                 client.close()
                 raise DeviceUnavailable(label, f"connection failed: {exc}") from exc
         answered = rr.function_code & 0x7F

@@ -285,3 +285,29 @@ def test_a_slow_line_does_not_hold_up_the_main_meter(tmp_path: Path, broker: Bro
         finally:
             runner.stop()
             streams.close()
+
+
+def test_a_device_slower_than_the_timeout_is_found(tmp_path: Path, broker: Broker) -> None:
+    """It answers after 1.6 s; the configured timeout is 1 s. Each unanswered request makes
+    the next timeout longer (up to poll.max_timeout_s), so it is read, never declared offline."""
+    site = SiteConfig.model_validate({
+        "site": {"seed": 5},
+        "devices": [{"name": "main", "profile": "eastron-sdm630", "device_id": 1,
+                     "faults": {"delay_s": 1.6}}]})
+    with SiteThread(site) as st:
+        path = agent_file(
+            tmp_path, broker, poll={"timeout_s": 1.0, "max_timeout_s": 5.0,
+                                    "offline_after_s": 30.0},
+            devices=[{"name": "main", "profile": "eastron-sdm630", "host": "127.0.0.1",
+                      "port": st.port, "device_id": 1}],
+            control={"main_meter": "main"})
+        streams = Streams(broker, "t-dev")
+        runner = AgentThread(Agent(load_agent_config(path))).start()
+        try:
+            wait_until(lambda: streams.of_device("main"), 40, "a reading of the slow device")
+            h = runner.agent.health["main"]
+            assert h.latency_s is not None and h.latency_s > 1.0 and h.timeout_s > 1.6
+            assert not streams.of_type("device_offline")
+        finally:
+            runner.stop()
+            streams.close()

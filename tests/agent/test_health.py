@@ -119,3 +119,25 @@ def test_timeout_adapts_to_latency() -> None:
     for _ in range(30):
         h.success(0, 3.0)
     assert h.timeout_s == 5.0  # ceiling
+
+
+def test_timeouts_grow_while_requests_go_unanswered_and_settle_on_an_answer() -> None:
+    """A device slower than the configured timeout is still found: each unanswered request
+    makes the next timeout 1.5 times longer, up to the ceiling; an answer resets the boost
+    and the timeout then follows the observed latency."""
+    h = DeviceHealth(HealthPolicy(timeout_s=1.0, min_timeout_s=0.2, max_timeout_s=5.0,
+                                  offline_after_s=100.0))
+    seen = [h.timeout_s]
+    for t in range(6):
+        h.failure(float(t), "no answer within 1 s", timed_out=True)
+        seen.append(h.timeout_s)
+    assert seen == pytest.approx([1.0, 1.5, 2.25, 3.375, 5.0, 5.0, 5.0])
+    h.failure(7.0, "exception 2 (illegal data address)")  # an answer, even if an error
+    assert h.timeout_s == 5.0
+    h.success(8.0, latency_s=1.6)
+    assert h.timeout_s == 5.0  # 4 x 1.6 s, capped
+    h.success(9.0, latency_s=0.1)  # smoothed: 0.8 x 1.6 + 0.2 x 0.1 = 1.3 s
+    assert h.timeout_s == pytest.approx(5.0)
+    for t in range(20):
+        h.success(10.0 + t, latency_s=0.1)
+    assert h.timeout_s < 1.0
