@@ -13,6 +13,9 @@ per-load arrays). This module is the small typed API over it:
   least important loads when above ``cap - margin``, restore our shed loads one per
   cycle, most important first, when they fit below it with hysteresis.
 * :func:`decide_release` - end of a command: restore everything we shed.
+* :func:`select_shed`, :func:`select_restore` - which loads to shed for a required
+  reduction (least priority-weighted cost, then least overshoot) and which to restore
+  into headroom: exact where the size allows, greedy beyond (:mod:`lmt.control.select`).
 * :func:`warmup` - compile the kernels (and fill numba's on-disk cache) at start-up
   so the first control cycle is not delayed by compilation.
 
@@ -28,6 +31,8 @@ from functools import lru_cache
 import numpy as np
 
 from lmt.control.kernel import KEEP, RESTORE, SHED, cap_step, release_step
+from lmt.control.select import Selection, select_restore, select_shed
+from lmt.control.select import warmup as _warmup_select
 
 __all__ = [
     "KEEP",
@@ -37,8 +42,11 @@ __all__ = [
     "Decision",
     "LoadSpec",
     "LoadState",
+    "Selection",
     "decide_cap",
     "decide_release",
+    "select_restore",
+    "select_shed",
     "warmup",
 ]
 
@@ -191,10 +199,11 @@ def decide_release(loads: Sequence[LoadSpec], states: Sequence[LoadState]) -> De
 
 
 def warmup() -> None:
-    """Compile both kernels for the argument types the API uses (numba caches them on disk)."""
+    """Compile the kernels for the argument types the API uses (numba caches them on disk)."""
     rated = np.array([1.0], dtype=np.float64)
     priority = np.array([1], dtype=np.int64)
     flags = np.array([True], dtype=np.bool_)
     last_switch = np.array([float("-inf")], dtype=np.float64)
     cap_step(0.0, 1.0, 0.0, 0.0, rated, priority, flags, flags, flags, last_switch, 0.0, 0.0, 0.0)
     release_step(flags, flags)
+    _warmup_select()
