@@ -178,10 +178,8 @@ class ModbusBus:
             self._lost = False
             self._answer.clear()
             try:
-                if self.request_timeout_s is None:
+                async with asyncio.timeout(self.request_timeout_s):  # None: pymodbus's alone
                     rr = await coro_factory(client)
-                else:
-                    rr = await asyncio.wait_for(coro_factory(client), self.request_timeout_s)
             except TimeoutError as exc:  # ours (the agent's adaptive timeout), or pymodbus's
                 client.close()  # drop the half-finished transaction
                 reason = (f"no answer within {self.request_timeout_s:g} s"
