@@ -16,6 +16,19 @@ Prints one JSON object per line: {"name", "value", "unit", "baseline", "ratio"}.
 3. Start-up to the first control decision in a fresh process (interpreter start, imports,
    `lmt.control.warmup()`, one 1,000-load `select_shed`): cold (empty numba cache dir, so the
    kernels compile) against warm (a second process on the same cache dir, so they load).
+4. Control quality on the demo site with noisy load (`site.noise_kw` = --noise-kw, default
+   3 kW against the demo's 0.8), the agent as `lmt run` in its own process with the demo
+   agent file, the site in this process, a private mosquitto; the power is what the
+   simulator's main meter shows, sampled every 0.1 s (the noise changes once a second). One
+   signed cap of (mean power over 4 s before) - 45 kW for --hold s: time from the agent's
+   acceptance (the result's timestamp) to the first sample under the cap; the largest excess
+   above the cap after that, until the end (0 if none); the mean of cap - power over the same
+   span (how far below the cap control sits: over-shedding); coil switches during the command;
+   the rebound: the peak power in the 8 s after the end minus the mean before the command.
+   Baseline, same site, same run, right after: a naive controller (bare pymodbus in this
+   process) that opens every non-critical relay at once, holds, and closes them all at once.
+   Median over --quality-runs pairs. (The model has no inrush and no cold-load pickup: the
+   rebound can only show the loads coming back together, plus noise.)
 
 Instances: loads of 1-50 kW in 0.1 kW steps, priorities 1-100 (the cost and the value), 10 %
 of the loads unavailable; shed 30 % of the available power, restore into a headroom of 30 %
@@ -26,16 +39,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import tomli_w
 
 from lmt.control import Selection, select_restore, select_shed
 from lmt.control.select import select_restore_py, select_shed_py
@@ -125,6 +143,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=21, help="timed numba calls per measurement")
     ap.add_argument("--py-runs", type=int, default=5, help="timed plain-Python calls")
     ap.add_argument("--largest-of", type=int, default=20, help="1,000-load instances for the worst case")
+    ap.add_argument("--quality-runs", type=int, default=1,
+                    help="control-quality runs, agent and naive controller each (0: skip)")
+    ap.add_argument("--hold", type=float, default=20.0, help="control quality: the cap's duration, s")
+    ap.add_argument("--noise-kw", type=float, default=3.0, help="control quality: site load noise, kW")
     args = ap.parse_args()
 
     for n in (1000, 10000):
@@ -152,6 +174,148 @@ def main() -> None:
     emit("warmup_cold_compile_vs_warm_cache", cold["warmup"], "s", warm["warmup"])
     emit(f"first_select_shed_1000_{warm['method']}_after_warmup_cold_vs_warm", cold["decision"] * 1000,
          "ms", warm["decision"] * 1000)
+
+    if args.quality_runs > 0:
+        control_quality(args.quality_runs, args.hold, args.noise_kw)
+
+
+# -- 4. control quality on the simulated site ---------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "config" / "examples"
+QUALITY_TERMINAL = "bench-quality"
+QUALITY_CUT_KW = 45.0  # the cap: this far below the power before the command (as in the e2e test)
+AFTER_S = 8.0  # rebound window after the end
+
+
+class Sampler:
+    """Samples the simulator's main meter (unix time, kW) every 0.1 s in a thread."""
+
+    def __init__(self, power_kw: Callable[[], float]) -> None:
+        self.power_kw = power_kw
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            self.samples.append((time.time(), self.power_kw()))
+
+    def window(self, t0: float, t1: float) -> list[tuple[float, float]]:
+        return [(t, p) for t, p in self.samples if t0 <= t < t1]
+
+
+def quality(sampler: Sampler, pre: float, cap: float, t_acc: float, t_end: float
+            ) -> dict[str, float]:
+    """The metrics of one command, from the samples (see the module docstring, 4)."""
+    held = sampler.window(t_acc, t_end)
+    under = next((t for t, p in held if p < cap), None)
+    if under is None:
+        return {"to_under_s": math.inf, "max_excess_kw": math.nan, "mean_below_cap_kw": math.nan,
+                "rebound_kw": math.nan}
+    after = [p for t, p in held if t >= under]
+    rebound = max(p for _, p in sampler.window(t_end, t_end + AFTER_S)) - pre
+    return {"to_under_s": under - t_acc, "max_excess_kw": max(0.0, max(p - cap for p in after)),
+            "mean_below_cap_kw": statistics.fmean(cap - p for p in after), "rebound_kw": rebound}
+
+
+def control_quality(runs: int, hold_s: float, noise_kw: float) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_latency import Platform, SiteThread
+    from pymodbus.client import ModbusTcpClient
+
+    from lmt.agent.broker import Broker
+    from lmt.agent.security import generate_keypair
+    from lmt.config.site import SiteConfig
+
+    site_cfg = tomllib.loads((EXAMPLES / "demo-site.toml").read_text())
+    site_cfg["site"]["noise_kw"] = noise_kw
+    site_cfg["server"]["port"] = 0
+    agent_cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text())
+    relays = {ld["point"]: ld["device"] for ld in agent_cfg["loads"] if not ld.get("critical")}
+    ids = {d["name"]: d["device_id"] for d in agent_cfg["devices"]}
+    ours: list[dict[str, float]] = []
+    naive: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp, Broker() as broker:
+        work = Path(tmp)
+        site = SiteThread(SiteConfig.model_validate(site_cfg))
+        port = site.start()
+        _, pub = generate_keypair(work / "keys")
+        agent_cfg["terminal"]["id"] = QUALITY_TERMINAL
+        agent_cfg["mqtt"]["port"] = broker.port
+        agent_cfg["security"]["platform_public_key"] = str(pub)
+        agent_cfg["buffer"].update(path=str(work / "buffer.sqlite"), flush_interval_s=0.2)
+        for d in agent_cfg["devices"]:
+            d["port"] = port
+        (work / "agent.toml").write_text(tomli_w.dumps(agent_cfg))
+        log = open(work / "agent.log", "wb")
+        agent = subprocess.Popen([sys.executable, "-m", "lmt.agent.cli", "run", "--config",
+                                  str(work / "agent.toml")], stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
+        platform = Platform(broker.port, work / "keys" / "platform.key", QUALITY_TERMINAL)
+        client = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
+        client.connect()
+        sampler = Sampler(site.site.site_power_kw)
+        switches: dict[str, list[float]] = {"ours": [], "naive": []}
+        try:
+            platform.wait_ready()
+            time.sleep(2.0)
+            for _ in range(runs):
+                # the agent
+                t = time.time()
+                time.sleep(4.0)
+                pre = statistics.fmean(p for _, p in sampler.window(t, time.time()))
+                cap = round(pre - QUALITY_CUT_KW, 1)
+                n0 = len(site.changes)
+                cid, payload = platform.sign("cap", cap_kw=cap, duration_s=hold_s)
+                platform.publish(payload)
+                acc = platform.wait_result(cid, {"accepted"})
+                t_acc, t_end = acc["ts"], acc["data"]["end_at"]
+                platform.wait_result(cid, {"completed"}, timeout=hold_s + 30)
+                time.sleep(max(0.0, t_end + AFTER_S - time.time()))
+                ours.append(quality(sampler, pre, cap, t_acc, t_end))
+                switches["ours"].append(float(len(site.changes) - n0))
+                # the naive controller: everything off at once, everything on at the end
+                t = time.time()
+                time.sleep(4.0)
+                pre = statistics.fmean(p for _, p in sampler.window(t, time.time()))
+                cap = round(pre - QUALITY_CUT_KW, 1)
+                n0 = len(site.changes)
+                t_acc = time.time()
+                for point, dev in relays.items():
+                    client.write_coil(int(point.split("_")[1]) - 1, False, device_id=ids[dev])
+                time.sleep(max(0.0, t_acc + hold_s - time.time()))
+                t_end = time.time()
+                for point, dev in relays.items():
+                    client.write_coil(int(point.split("_")[1]) - 1, True, device_id=ids[dev])
+                time.sleep(AFTER_S)
+                naive.append(quality(sampler, pre, cap, t_acc, t_end))
+                switches["naive"].append(float(len(site.changes) - n0))
+        finally:
+            sampler.stop.set()
+            client.close()
+            platform.close()
+            agent.terminate()
+            try:
+                agent.wait(20)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+            log.close()
+            site.stop()
+
+    def med(rows: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    emit("cap_time_to_under_cap_noisy_site", med(ours, "to_under_s"), "s", med(naive, "to_under_s"))
+    emit("cap_max_excess_above_cap_after_under", med(ours, "max_excess_kw"), "kW",
+         med(naive, "max_excess_kw"))
+    emit("cap_mean_below_cap_while_held", med(ours, "mean_below_cap_kw"), "kW",
+         med(naive, "mean_below_cap_kw"))
+    emit("cap_coil_switches_during_command", statistics.median(switches["ours"]), "switches",
+         statistics.median(switches["naive"]))
+    emit("cap_rebound_at_restore_peak_minus_pre", med(ours, "rebound_kw"), "kW",
+         med(naive, "rebound_kw"))
 
 
 if __name__ == "__main__":
