@@ -41,11 +41,44 @@ log = logging.getLogger("lmt.agent.buffer")
 
 APPLICATION_ID = 0x4C4D5442  # "LMTB" in the file header: this file is an lmt-edge buffer
 SCHEMA_VERSION = 2  # 1: outbox, stream_state, shed_loads, seen_commands; 2: + drops, last_seq
+# (+ dr_state and optout_requests, created when missing: older versions ignore them)
 DEFAULT_MAX_MB = 256.0
 HIGH_WATER = 0.90  # of the records' budget: past this, make room ...
 LOW_WATER = 0.80  # ... down to this
 SHM_BYTES = 32768  # the WAL index (<file>-shm) for up to 4096 WAL frames
 ROW_OVERHEAD = 40  # bytes per row beyond its JSON body: record header, key, index entry
+
+
+_OPTOUT_DDL = ("CREATE TABLE IF NOT EXISTS optout_requests (id INTEGER PRIMARY KEY, "
+               "event_id TEXT NOT NULL, reason TEXT NOT NULL, requested_at REAL NOT NULL) STRICT")
+
+
+def request_optout(path: Path | str, event_id: str, reason: str, now: float) -> int:
+    """Queue the customer's opt-out of a DR event in the buffer file of a running (or stopped)
+    agent; the agent applies it in its next control cycle. The agent holds the file open in
+    WAL mode: this is a second, short connection that waits for its write lock. Returns the
+    request id; ``FileNotFoundError`` when the buffer file does not exist (never made here).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no buffer file at {path} (has the agent run with this "
+                                "configuration?)")
+    con = sqlite3.connect(path.resolve().as_uri() + "?mode=rw", uri=True, isolation_level=None,
+                          timeout=10.0)
+    try:
+        con.execute("PRAGMA busy_timeout = 10000")
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            con.execute(_OPTOUT_DDL)
+            cur = con.execute("INSERT INTO optout_requests(event_id, reason, requested_at) "
+                              "VALUES (?, ?, ?)", [event_id, reason, now])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return int(cur.lastrowid or 0)
+    finally:
+        con.close()
 
 
 class BufferError(Exception):
@@ -125,6 +158,12 @@ class Buffer:
                     {"id": str, "expires_at": float, "received_at": float}, pk="id",
                     not_null=("id", "expires_at", "received_at"), strict=True,
                 )
+            if not self.db["dr_state"].exists():  # one row: the DR scheduler's to_dict() JSON
+                self.db["dr_state"].create(
+                    {"id": int, "state": str, "saved_at": float}, pk="id",
+                    not_null=("id", "state", "saved_at"), strict=True,
+                )
+            self.db.execute(_OPTOUT_DDL)
 
     def _max_seq(self, stream: str) -> int:
         """The highest sequence number ever given in ``stream``: never reused, even when its
@@ -338,6 +377,25 @@ class Buffer:
         """Load name -> id of the command that shed it."""
         return {r[0]: r[1] for r in
                 self.db.execute("SELECT load, command_id FROM shed_loads").fetchall()}
+
+    # -- demand response: the scheduler's state, and the customer's opt-out requests ---------
+    def save_dr_state(self, state: dict[str, Any], now: float) -> None:
+        with self.db.atomic():
+            self.db.execute("INSERT OR REPLACE INTO dr_state(id, state, saved_at) VALUES (1, ?, ?)",
+                            [json.dumps(state, separators=(",", ":")), now])
+
+    def load_dr_state(self) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT state FROM dr_state WHERE id = 1").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def pending_optouts(self) -> list[tuple[int, str, str, float]]:
+        """Opt-out requests not yet handled, oldest first: (id, event id, reason, requested at)."""
+        return [(int(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in self.db.execute(
+            "SELECT id, event_id, reason, requested_at FROM optout_requests ORDER BY id")]
+
+    def optout_done(self, request_id: int) -> None:
+        with self.db.atomic():
+            self.db.execute("DELETE FROM optout_requests WHERE id = ?", [request_id])
 
     # -- retention ----------------------------------------------------------------------------
     def prune_delivered(self, older_than_ts: float) -> int:

@@ -111,6 +111,13 @@ def _command_body(args: argparse.Namespace) -> dict:
     if args.kind == "shed":
         return command_body("shed", args.terminal, shed_kw=args.kw, duration_s=args.duration,
                             **common)
+    if args.kind == "dr_event":
+        from .platform import dr_event_body
+
+        start = args.start if args.start is not None else time.time() + (args.start_in or 0.0)
+        return dr_event_body(args.terminal, start=start, duration_s=args.duration,
+                             signal=args.signal, value=args.value, randomize_s=args.randomize,
+                             ramp_s=args.ramp, recovery_s=args.recovery, **common)
     return command_body("cancel", args.terminal, target=args.target, **common)
 
 
@@ -178,7 +185,7 @@ def cmd_platform(args: argparse.Namespace) -> int:
             payload = Path(args.raw).read_text() if args.raw != "-" else sys.stdin.read()
         else:
             if not args.key or not args.kind:
-                print("lmt platform send: give --key and a command (cap, shed, cancel), "
+                print("lmt platform send: give --key and a command (cap, shed, dr_event, cancel), "
                       "or --raw FILE", file=sys.stderr)
                 return 2
             payload = sign_command_file(Path(args.key), _command_body(args))
@@ -216,6 +223,31 @@ def cmd_platform(args: argparse.Namespace) -> int:
                   f"{len(tracker.open_gaps())} gaps open", file=sys.stderr)
         return 0
     return 2
+
+
+# -- optout ----------------------------------------------------------------------------------
+def cmd_optout(args: argparse.Namespace) -> int:
+    from lmt.config import ConfigError, load_agent_config
+
+    from .buffer import request_optout
+
+    try:
+        cfg = load_agent_config(args.config)
+    except ConfigError as exc:
+        print(f"lmt optout: configuration error\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        request_optout(cfg.buffer.path, args.event_id, args.reason, time.time())
+    except FileNotFoundError as exc:
+        print(f"lmt optout: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # sqlite3.Error, OSError: a locked or damaged file
+        print(f"lmt optout: cannot write the request to the buffer {cfg.buffer.path}: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"opt-out of DR event {args.event_id} requested; the agent applies it in its next "
+          "control cycle and reports opted_out on the result topic")
+    return 0
 
 
 # -- field tools -----------------------------------------------------------------------------
@@ -421,8 +453,26 @@ def build_parser() -> argparse.ArgumentParser:
         sh = kinds.add_parser("shed", help="reduce the site's import by --kw for --for")
         sh.add_argument("--kw", type=float, required=True)
         sh.add_argument("--for", dest="duration", type=parse_duration, required=True)
-        ca = kinds.add_parser("cancel", help="end an active command early")
-        ca.add_argument("--target", required=True, help="id of the command to cancel")
+        dr = kinds.add_parser("dr_event", help="a demand-response event: a signal over a window "
+                              "(its id, --id, is the event id)")
+        when = dr.add_mutually_exclusive_group(required=True)
+        when.add_argument("--start", type=parse_time, help="start, unix time or ISO 8601")
+        when.add_argument("--start-in", type=parse_duration, metavar="DURATION",
+                          help="start this long from now, e.g. 10m")
+        dr.add_argument("--for", dest="duration", type=parse_duration, required=True,
+                        help="duration (at most 7 days), e.g. 2h")
+        dr.add_argument("--signal", required=True,
+                        choices=["level", "reduction_kw", "reduction_pct", "cap_kw"])
+        dr.add_argument("--value", type=float, required=True,
+                        help="level 0-3, kW, percent (0-100] or cap kW, by --signal")
+        dr.add_argument("--randomize", type=parse_duration, default=0.0, metavar="DURATION",
+                        help="spread the start over this long (default 0)")
+        dr.add_argument("--ramp", type=parse_duration, default=0.0, metavar="DURATION",
+                        help="reach the full signal over this long (default 0)")
+        dr.add_argument("--recovery", type=parse_duration, default=0.0, metavar="DURATION",
+                        help="bring loads back over this long after the end (default 0)")
+        ca = kinds.add_parser("cancel", help="end an active command or DR event early")
+        ca.add_argument("--target", required=True, help="id of the command or DR event to cancel")
 
     def add_broker_options(sp: argparse.ArgumentParser) -> None:
         g = sp.add_argument_group("broker connection (as the agent's [mqtt] and [mqtt.tls])")
@@ -466,6 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--count", type=int, help="stop after this many records")
     add_broker_options(w)
     pl.set_defaults(func=cmd_platform)
+
+    oo = sub.add_parser("optout", help="the customer's local override of a demand-response "
+                        "event", description="Ask the running agent to opt this site out of a "
+                        "DR event: its loads come back at once and the platform is told "
+                        "(opted_out). Run on the terminal, as a user that can write the buffer.")
+    oo.add_argument("--config", required=True, help="agent configuration file (TOML)")
+    oo.add_argument("event_id", metavar="EVENT_ID", help="id of the DR event")
+    oo.add_argument("--reason", default="local override (lmt optout)",
+                    help="who overrode it, and how (reported to the platform)")
+    oo.set_defaults(func=cmd_optout)
 
     def add_target(sp: argparse.ArgumentParser) -> None:
         where = sp.add_mutually_exclusive_group(required=True)

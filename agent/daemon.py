@@ -2,7 +2,8 @@
 
 One asyncio loop runs three tasks:
 - the cycle: read every device (coalesced block reads), buffer the readings, and when a
-  command is active run one closed-loop control step on the fresh main-meter reading;
+  command or a demand-response event is active run one closed-loop control step on the fresh
+  main-meter reading;
 - the sync: publish buffered records in sequence order at QoS 1, and move each stream's
   delivered watermark only when the broker acknowledged;
 - commands arrive from paho's thread, are queued, and are verified, answered and carried out
@@ -28,13 +29,14 @@ from paho.mqtt.client import MQTTMessageInfo
 from lmt.config.agent import AgentConfig
 from lmt.config.agent import Device as DeviceConfig
 from lmt.control import CapParams, LoadSpec, LoadState, decide_cap, decide_release, warmup
+from lmt.control.dr import DrEvent, DrScheduler, Target, Transition, baseline_before
 from lmt.drivers.errors import DriverError
 
 from . import lmt_version
 from .buffer import Buffer, Record
 from .devices import build_devices, due_names, set_request_timeout, transport_of
 from .health import DeviceHealth, HealthPolicy
-from .messages import CancelCommand, CapCommand, Command, ShedCommand, Status
+from .messages import CancelCommand, CapCommand, Command, DrEventCommand, ShedCommand, Status
 from .mqtt import MqttLink, Topics
 from .security import Refusal, load_public_key, verify_command
 from .sync import Syncer
@@ -91,6 +93,13 @@ class Agent:
             st.shed_by_us = ld.name in held
         self._retry_switch: dict[int, float] = {}
         self.active: ActiveControl | None = None
+        # Demand response: the scheduler (persisted in the buffer), the recent main-meter
+        # readings for the baseline (wall time, kW), and the event whose control holds loads.
+        self.dr = self._load_dr()
+        self._dr_saved = json.dumps(self.dr.to_dict(), sort_keys=True)
+        self._meter_ring: deque[tuple[float, float]] = deque()
+        self.dr_target: Target | None = None
+        self._dr_owner: str | None = None
         self.stopping = False
         self._commands: deque[bytes] = deque()
         self._pending_readings: list[dict[str, Any]] = []
@@ -103,6 +112,21 @@ class Agent:
         self._line_tasks: dict[int, asyncio.Task[None]] = {}
         self._fresh: set[str] = set()  # devices read since the cycle last looked
         self._cycle_deadline = 0.0  # monotonic: when this cycle's interval is up
+
+    def _load_dr(self) -> DrScheduler:
+        fractions = self.cfg.dr.level_fractions
+        state = self.buffer.load_dr_state()
+        if state is not None:
+            try:
+                dr = DrScheduler.from_dict(state, fractions)
+                if dr.terminal_id == self.terminal:
+                    return dr
+                log.warning("DR state in the buffer is for terminal %s, not %s: not used",
+                            dr.terminal_id, self.terminal)
+            except ValueError as exc:
+                log.error("DR state in the buffer is unreadable (%s): starting with no events",
+                          exc)
+        return DrScheduler(self.terminal, fractions)
 
     def _policy(self, d: DeviceConfig) -> HealthPolicy:
         """A device's health policy: response timeouts per transaction, from its line's own
@@ -132,6 +156,19 @@ class Agent:
                  f": {detail}" if detail else "")
         self._append("results", [{"ts": self.clock(), "command_id": command_id, "status": status,
                                   "reason": reason, "detail": detail, "data": data}])
+
+    def report_dr(self, transitions: list[Transition]) -> None:
+        """Each DR state change is a result under the event's id; then persist the state."""
+        for tr in transitions:
+            self.result(tr.event_id, tr.state, detail=tr.detail, at=tr.at, **tr.data)
+        self._save_dr()
+
+    def _save_dr(self) -> None:
+        state = self.dr.to_dict()
+        text = json.dumps(state, sort_keys=True)
+        if text != self._dr_saved:
+            self.buffer.save_dr_state(state, self.clock())
+            self._dr_saved = text
 
     def flush_readings(self) -> None:
         if self._pending_readings:
@@ -204,13 +241,15 @@ class Agent:
         deadline = h.deadline_s(n, wire)
         set_request_timeout(dev, h.timeout_s)
         try:
-            values = await asyncio.wait_for(dev.read_points(names, partial=True), deadline)
+            async with asyncio.timeout(deadline):  # no extra task per read (as wait_for makes)
+                values = await dev.read_points(names, partial=True)
         except (DriverError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError):
                 transport_of(dev).close()  # drop the half-finished transaction
             error = str(exc) or (f"no answer within {deadline:.2f} s ({n} requests, "
                                  f"{h.timeout_s:.2f} s each)")
-            urgent = self.active is not None and name == self.cfg.control.main_meter
+            urgent = (self.active is not None or self.dr_target is not None) \
+                and name == self.cfg.control.main_meter
             timed_out = isinstance(exc, TimeoutError) or "no answer" in error
             if h.failure(self.mono(), error, urgent=urgent, timed_out=timed_out):
                 log.warning("device %s offline: %s", name, error)
@@ -311,34 +350,82 @@ class Agent:
                    reason=reason, command_id=command_id)
         return True
 
-    async def _release(self, site: float | None, why: str, command_id: str | None) -> bool:
-        """Restore every load we hold off; True when none is left off."""
+    async def _release(self, site: float | None, why: str, command_id: str | None,
+                       staggered: bool = True) -> bool:
+        """Restore the loads we hold off, most important first; True when none is left off.
+
+        ``staggered``: at most ``control.restore_step_kw`` of rated load (and at least one
+        load) per cycle, so the site does not rebound all at once; the rest follow in the next
+        cycles. A stopping agent restores everything at once."""
         dec = decide_release(self.load_specs, self.load_states)
+        step, done = self.cfg.control.restore_step_kw, 0.0
         for idx in dec.restore:
-            await self._switch(idx, True, site, f"restore {self.cfg.loads[idx].name}: {why}",
-                               command_id)
+            kw = self.cfg.loads[idx].rated_kw
+            if staggered and done > 0 and done + kw > step:
+                break
+            if await self._switch(idx, True, site, f"restore {self.cfg.loads[idx].name}: {why}",
+                                  command_id):
+                done += kw
         return not any(st.shed_by_us for st in self.load_states)
+
+    def _dr_step(self, site: float | None) -> Target | None:
+        """The customer's opt-outs, then one scheduler tick with the baseline now."""
+        now = self.clock()
+        window = self.cfg.dr.baseline_window_s
+        if site is not None:
+            self._meter_ring.append((now, site))
+        while self._meter_ring and self._meter_ring[0][0] < now - window:
+            self._meter_ring.popleft()
+        for req_id, event_id, reason, _at in self.buffer.pending_optouts():
+            try:
+                self.report_dr(self.dr.opt_out(event_id, now, reason))
+            except (KeyError, ValueError) as exc:
+                why = exc.args[0] if exc.args else str(exc)
+                log.warning("opt-out of %s ignored: %s", event_id, why)
+                self.event("optout_ignored", event_id=event_id, reason=reason, error=str(why))
+            else:
+                log.info("DR event %s: opted out locally (%s)", event_id, reason)
+            self.buffer.optout_done(req_id)
+        times = [t for t, _ in self._meter_ring]
+        kws = [p for _, p in self._meter_ring]
+        transitions, target = self.dr.tick(now, baseline_before(times, kws, now, window))
+        self.report_dr(transitions)
+        return target
 
     async def control_step(self, fresh: set[str]) -> None:
         self._sync_load_states(fresh)
         site = self.site_kw() if self.cfg.control.main_meter in fresh else None
+        dr = self.dr_target = self._dr_step(site)
+        dr_cap = dr.cap_kw if dr is not None and dr.cap_kw is not None else None
         act = self.active
-        if act is None:
-            if any(st.shed_by_us for st in self.load_states):  # left over from before a restart
-                await self._release(site, "no command holds it (shed before the agent restarted)",
-                                    None)
-            return
         now = self.mono()
-        if act.ending is None and now >= act.end_mono:
+        if act is not None and act.ending is None and now >= act.end_mono:
             act.ending = "completed"
-        if act.ending is not None:
-            if await self._release(site, f"command {act.ending}", act.command_id):
-                self._finish(act, act.ending, "all loads restored", site)
+        if act is not None and act.ending is not None:
+            if dr_cap is not None:  # the DR event holds the loads on: it takes them over
+                self._finish(act, act.ending, f"loads now held by DR event {dr.event_id}"
+                             if dr is not None else "", site)
+                act = None
+            else:
+                if await self._release(site, f"command {act.ending}", act.command_id):
+                    self._finish(act, act.ending, "all loads restored", site)
+                return
+        # the lower cap wins: a cap/shed command and a DR event at the same time
+        caps: list[tuple[float, str]] = []
+        if act is not None:
+            caps.append((act.cap_kw, act.command_id))
+        if dr is not None and dr_cap is not None:
+            caps.append((dr_cap, dr.event_id))
+        if not caps:
+            await self._no_cap(site, dr)
             return
+        cap, owner = min(caps)
+        if dr is not None and owner == dr.event_id:
+            self._dr_owner = owner
         if site is None:
             log.warning("no fresh main-meter reading: control holds this cycle")
             return
-        params = CapParams(cap_kw=act.cap_kw, margin_kw=self.cfg.control.margin_kw,
+        params = CapParams(cap_kw=cap, margin_kw=self.cfg.control.margin_kw,
                            hysteresis_kw=self.cfg.control.restore_hysteresis_kw,
                            min_off_s=self.cfg.control.min_off_s,
                            min_on_s=self.cfg.control.min_on_s)
@@ -346,14 +433,43 @@ class Agent:
         actions = [(i, False) for i in dec.shed] + [(i, True) for i in dec.restore]
         done = []
         for (idx, on), why in zip(actions, dec.reasons, strict=True):
-            if await self._switch(idx, on, site, why, act.command_id) and not on:
+            if await self._switch(idx, on, site, why, owner) and not on:
                 done.append(self.cfg.loads[idx].name)
-        if not act.executed:
+        if act is not None and not act.executed:
             act.executed = True
             self.result(act.command_id, "executed",
                         detail=f"site {site:.1f} kW, cap {act.cap_kw:.1f} kW, "
-                               f"shed: {', '.join(done) or 'nothing needed'}",
+                               f"shed: {', '.join(done) or 'nothing needed'}"
+                               + (f" (DR event {owner}'s lower cap {cap:.1f} kW applies)"
+                                  if owner != act.command_id else ""),
                         site_kw=round(site, 3), cap_kw=act.cap_kw, shed=done)
+
+    async def _no_cap(self, site: float | None, dr: Target | None) -> None:
+        """No cap holds: a DR event recovering restores loads paced under its ceiling;
+        otherwise every load we hold off comes back."""
+        if not any(st.shed_by_us for st in self.load_states):
+            self._dr_owner = None
+            return
+        if dr is not None and dr.recovering and dr.restore_ceiling_kw is not None:
+            if site is None:
+                return
+            # restore only: a load comes back while site + its rated power ≤ the ceiling
+            params = CapParams(cap_kw=dr.restore_ceiling_kw, margin_kw=0.0, hysteresis_kw=0.0,
+                               min_off_s=self.cfg.control.min_off_s,
+                               min_on_s=self.cfg.control.min_on_s)
+            dec = decide_cap(site, self.mono(), self.load_specs, self.load_states, params)
+            reasons = dec.reasons[len(dec.shed):]
+            for idx, why in zip(dec.restore, reasons, strict=True):
+                await self._switch(idx, True, site, f"{why} (DR event {dr.event_id} recovery, "
+                                   f"ceiling {dr.restore_ceiling_kw:.1f} kW)", dr.event_id)
+            return
+        if self._dr_owner is not None:
+            state = self.dr.state_of(self._dr_owner) or "ended"
+            if await self._release(site, f"DR event {self._dr_owner} {state}", self._dr_owner):
+                self._dr_owner = None
+            return
+        # left over from before a restart
+        await self._release(site, "no command holds it (shed before the agent restarted)", None)
 
     def _finish(self, act: ActiveControl, status: str, detail: str, site: float | None) -> None:
         self.result(act.command_id, status, detail=detail, cap_kw=act.cap_kw)
@@ -364,11 +480,19 @@ class Agent:
             self.active = None
 
     async def _stop_control(self) -> None:
-        """On shutdown, no load stays off: restore what the active command shed, and say so."""
+        """On shutdown, no load stays off: restore what the active command shed, and say so.
+
+        A DR event stays in its state (persisted): it resumes control at the next start."""
         act = self.active
         if act is None:
+            if any(st.shed_by_us for st in self.load_states):
+                owner = self._dr_owner
+                await self._release(self.site_kw(), "agent stopping" + (
+                    f" (DR event {owner} resumes control at the next start)" if owner else ""),
+                    owner, staggered=False)
             return
-        if await self._release(self.site_kw(), "agent stopping", act.command_id):
+        if await self._release(self.site_kw(), "agent stopping", act.command_id,
+                               staggered=False):
             detail = "agent stopped before the command ended; all loads restored"
         else:
             left = [ld.name for ld, st in zip(self.cfg.loads, self.load_states, strict=True)
@@ -417,6 +541,17 @@ class Agent:
 
     def _start_command(self, cmd: Command, now: float) -> None:
         mono = self.mono()
+        if isinstance(cmd, DrEventCommand):
+            self._receive_dr(cmd, now)
+            return
+        if isinstance(cmd, CancelCommand) and self.dr.state_of(cmd.target) is not None:
+            state = self.dr.state_of(cmd.target)
+            if state in ("completed", "cancelled", "superseded", "opted_out", "expired"):
+                raise Refusal("unknown_target", f"DR event {cmd.target!r} is already {state}")
+            self.result(cmd.id, "accepted", detail=f"cancelling DR event {cmd.target}")
+            self.report_dr(self.dr.cancel(cmd.target, now, f"command {cmd.id}"))
+            self.result(cmd.id, "completed", detail=f"DR event {cmd.target} cancelled")
+            return
         if isinstance(cmd, CancelCommand):
             if self.active is None or self.active.command_id != cmd.target \
                     or self.active.ending is not None:
@@ -446,12 +581,35 @@ class Agent:
         if old is not None:
             # The new command takes over the loads the old one shed.
             self._finish(old, "superseded", f"by {cmd.id}", self.site_kw())
-        self.health[self.cfg.control.main_meter].next_attempt = mono  # control needs it now
+        # Control needs the site's power now: the main meter is retried at once, and its power
+        # point is due in this very cycle even if it was read a moment ago (else the first
+        # switch would wait for the next cycle).
+        self.health[self.cfg.control.main_meter].next_attempt = mono
+        self._last_read[self.cfg.control.main_meter].pop(self.cfg.control.power_point, None)
         self.result(cmd.id, "accepted", detail=detail, cap_kw=round(cap, 3),
                     end_at=round(now + duration, 3))
         self.active = ActiveControl(cmd.id, cmd.type, cap, mono + duration)
         self.event("control_started", command_id=cmd.id, kind=cmd.type, cap_kw=round(cap, 3),
                    end_at=round(now + duration, 3))
+
+    def _receive_dr(self, cmd: DrEventCommand, now: float) -> None:
+        try:
+            ev = DrEvent(id=cmd.id, issued_at=cmd.issued_at, start=cmd.start,
+                         duration_s=cmd.duration_s, signal=cmd.signal, value=cmd.value,
+                         randomize_s=cmd.randomize_s, ramp_s=cmd.ramp_s,
+                         recovery_s=cmd.recovery_s, expires_at=cmd.expires_at)
+        except ValueError as exc:
+            raise Refusal("invalid", str(exc)) from None
+        if ev.signal == "level" and ev.value > 0 and int(ev.value) not in self.dr.level_fractions:
+            raise Refusal("invalid", f"level {ev.value:g} has no reduction fraction configured "
+                          "(dr.level_fractions)")
+        try:
+            transitions = self.dr.receive(ev, now)
+        except ValueError as exc:
+            raise Refusal("invalid", str(exc)) from None
+        self.health[self.cfg.control.main_meter].next_attempt = self.mono()
+        self.result(cmd.id, "accepted", detail=f"DR event: {ev.describe()}")
+        self.report_dr(transitions)
 
     # -- sync -----------------------------------------------------------------------------
     def _publish_batch(self, stream: str, batch: tuple[int, int, str],

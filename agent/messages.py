@@ -54,12 +54,14 @@ class Event(_Msg):
     type: str = Field(description="load_shed, load_restored, switch_failed, device_offline, "
                                   "device_online, points_failed, points_recovered, "
                                   "control_started, control_ended, agent_started, "
-                                  "telemetry_dropped, buffer_full")
+                                  "telemetry_dropped, buffer_full, optout_ignored")
     data: dict[str, Any] = Field(default_factory=dict)
 
 
 ResultStatus = Literal["accepted", "rejected", "executed", "completed", "cancelled",
-                       "superseded", "failed"]
+                       "superseded", "failed",
+                       # demand-response event states (command_id = the event id)
+                       "received", "scheduled", "active", "opted_out", "expired"]
 RejectReason = Literal["malformed", "bad_signature", "invalid", "wrong_terminal", "expired",
                        "not_yet_valid", "replayed", "unknown_target", "unavailable"]
 
@@ -109,12 +111,17 @@ class SignedCommand(_Msg):
     JSON text of a :class:`Command`. Signing the exact text avoids any canonicalisation.
     """
 
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     v: Literal[1] = 1
     body: str = Field(max_length=16384)
     sig: str = Field(max_length=200)
 
 
 class _CommandBase(_Msg):
+    # strict: "12" or true is not a number; no NaN/inf: NaN passes every time comparison
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
     id: CommandId
     terminal: TerminalId
     issued_at: float = Field(description="unix time (s) the platform issued it")
@@ -152,14 +159,51 @@ class ShedCommand(_CommandBase):
     duration_s: float = Field(gt=0, le=MAX_DURATION_S)
 
 
+DrSignal = Literal["level", "reduction_kw", "reduction_pct", "cap_kw"]
+
+
+class DrEventCommand(_CommandBase):
+    """A demand-response event (its id is the command id): a signal over a window.
+
+    This terminal's window starts ``start`` plus an offset in ``[0, randomize_s)`` and lasts
+    ``duration_s``; the limit ramps in over ``ramp_s``; loads come back over ``recovery_s``.
+    ``value``: ``level`` 0-3, ``reduction_kw`` > 0, ``reduction_pct`` in (0, 100],
+    ``cap_kw`` > 0. See docs/control.md, "Demand-response events".
+    """
+
+    type: Literal["dr_event"]
+    start: float = Field(description="unix time (s) of the nominal start")
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S)
+    signal: DrSignal
+    value: float = Field(ge=0, le=1_000_000)
+    randomize_s: float = Field(default=0.0, ge=0, le=86400)
+    ramp_s: float = Field(default=0.0, ge=0, le=MAX_DURATION_S)
+    recovery_s: float = Field(default=0.0, ge=0, le=86400)
+
+    @model_validator(mode="after")
+    def _check_signal(self) -> DrEventCommand:
+        v = self.value
+        if self.signal == "level" and v not in (0, 1, 2, 3):
+            raise ValueError("a level signal's value must be 0, 1, 2 or 3")
+        if self.signal in ("reduction_kw", "cap_kw") and v <= 0:
+            raise ValueError(f"a {self.signal} signal's value must be > 0")
+        if self.signal == "reduction_pct" and not 0 < v <= 100:
+            raise ValueError("a reduction_pct signal's value must be in (0, 100]")
+        if self.ramp_s > self.duration_s:
+            raise ValueError("ramp_s must not be longer than duration_s")
+        return self
+
+
 class CancelCommand(_CommandBase):
-    """End the control started by command ``target`` and restore the loads."""
+    """End the control started by command ``target``, or the demand-response event ``target``,
+    and restore the loads."""
 
     type: Literal["cancel"]
     target: CommandId
 
 
-Command = Annotated[CapCommand | ShedCommand | CancelCommand, Field(discriminator="type")]
+Command = Annotated[CapCommand | ShedCommand | DrEventCommand | CancelCommand,
+                    Field(discriminator="type")]
 
 
 class CommandEnvelope(_Msg):

@@ -28,7 +28,8 @@ from lmt.config.agent import Tls
 from .mqtt import Topics, describe_error
 from .security import load_private_key, sign_body
 
-FINAL_STATUSES = {"rejected", "completed", "cancelled", "superseded", "failed"}
+FINAL_STATUSES = {"rejected", "completed", "cancelled", "superseded", "failed", "opted_out",
+                  "expired"}
 
 
 def command_body(kind: str, terminal: str, *, command_id: str | None = None,
@@ -40,6 +41,18 @@ def command_body(kind: str, terminal: str, *, command_id: str | None = None,
                             "type": kind}
     body.update({k: v for k, v in params.items() if v is not None})
     return body
+
+
+def dr_event_body(terminal: str, *, start: float, duration_s: float, signal: str, value: float,
+                  randomize_s: float = 0.0, ramp_s: float = 0.0, recovery_s: float = 0.0,
+                  command_id: str | None = None, issued_at: float | None = None,
+                  expires_in_s: float = 60.0) -> dict[str, Any]:
+    """The body of a ``dr_event`` command (its id is the event id)."""
+    return command_body("dr_event", terminal, command_id=command_id, issued_at=issued_at,
+                        expires_in_s=expires_in_s, start=round(float(start), 3),
+                        duration_s=float(duration_s), signal=signal, value=float(value),
+                        randomize_s=float(randomize_s), ramp_s=float(ramp_s),
+                        recovery_s=float(recovery_s))
 
 
 def sign_command_file(key_path: Path, body: dict[str, Any]) -> str:

@@ -311,6 +311,31 @@ class Control(_Strict):
                                          description="extra headroom needed to restore a load")
     min_off_s: float = Field(default=5.0, ge=0)
     min_on_s: float = Field(default=5.0, ge=0)
+    restore_step_kw: float = Field(default=50.0, gt=0,
+                                   description="when a command or event ends, switch back on at "
+                                               "most this much rated load per cycle (at least one "
+                                               "load): a staggered restore, no rebound spike")
+
+
+class Dr(_Strict):
+    """Demand-response events (``dr_event`` commands)."""
+
+    level_fractions: dict[int, float] = Field(
+        default_factory=lambda: {1: 0.10, 2: 0.20, 3: 0.35},
+        description="OpenADR SIMPLE level (1-3) -> fraction of the baseline to shed")
+    baseline_window_s: float = Field(default=900.0, gt=0, le=86400,
+                                     description="baseline: mean main-meter power over this "
+                                                 "long before the event becomes active")
+
+    @field_validator("level_fractions")
+    @classmethod
+    def _check_levels(cls, v: dict[int, float]) -> dict[int, float]:
+        for level, frac in v.items():
+            if level not in (1, 2, 3):
+                raise ValueError(f"level must be 1, 2 or 3, got {level}")
+            if not 0 < frac <= 1:
+                raise ValueError(f"level {level}: fraction must be in (0, 1], got {frac:g}")
+        return v
 
 
 class AgentConfig(_Strict):
@@ -324,6 +349,7 @@ class AgentConfig(_Strict):
     devices: list[Device] = Field(min_length=1)
     control: Control
     loads: list[Load] = []
+    dr: Dr = Dr()
 
     @model_validator(mode="after")
     def _check_refs(self) -> AgentConfig:

@@ -12,7 +12,7 @@ Every refused command gets exactly one ``rejected`` record with the reason the c
 (command_id, reason, data.claimed_id); unauthenticated answers carry command_id null and quote
 the body's id, when readable, as claimed_id.
 
-Known hole, kept as a strict xfail at the end: NaN times in a validly signed body are accepted.
+NaN and infinite times in a validly signed body are refused as invalid (test at the end).
 """
 
 from __future__ import annotations
@@ -609,11 +609,6 @@ def test_bad_command_corpus_is_refused_and_actuates_nothing(
 
 
 # -- known hole: non-finite times in a validly signed body ----------------------------------
-@pytest.mark.xfail(strict=True, reason="NaN passes every time comparison: a signed body with a NaN "
-                   "expires_at never expires, is exempt from max_lifetime_s and is not remembered "
-                   "(SQLite stores NaN as NULL; INSERT OR IGNORE drops the row), so it can be "
-                   "replayed; NaN issued_at skips not_yet_valid and the lifetime check; NaN until "
-                   "gives a cap with a NaN duration that never ends")
 @pytest.mark.parametrize("field", ["expires_at", "issued_at", "until"])
 def test_non_finite_times_are_refused(field: str) -> None:
     key = Ed25519PrivateKey.generate()

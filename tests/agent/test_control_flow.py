@@ -189,3 +189,33 @@ def test_loads_shed_by_a_killed_agent_are_restored_at_start(tmp_path: Path, site
         agent.terminate()
         agent.wait(15)
         rig.close()
+
+
+def test_first_switch_in_the_cycle_of_the_command_and_restore_staggered(
+        tmp_path: Path, site: int, broker: Broker) -> None:
+    """A command is acted on in the cycle it arrives in, even when the main meter was read a
+    moment before (its power point is made due at once); when it ends, loads come back at
+    most control.restore_step_kw per cycle, not all at once."""
+    rig = Rig(tmp_path, site, broker, poll={"interval_s": 2.0},
+              control={"restore_step_kw": 20.0, "min_off_s": 0.0, "min_on_s": 0.0})
+    runner = AgentThread(Agent(load_agent_config(rig.cfg_path))).start()
+    try:
+        wait_until(lambda: runner.agent.site_kw() is not None, 30, "a meter reading")
+        cap = round(rig.power_kw() - 45.0)
+        cid, answers = rig.command("cap", cap_kw=float(cap), duration_s=8)
+        assert answers[-1]["status"] == "accepted"
+        accepted_ts = answers[-1]["ts"]
+        wait_until(lambda: len(rig.event_loads("load_shed")) >= 2, 15, "loads shed")
+        first_shed = min(e["ts"] for e in rig.events if e["type"] == "load_shed")
+        assert first_shed - accepted_ts < 1.0, "the first switch waited for the next cycle"
+        shed = rig.event_loads("load_shed")
+        wait_until(lambda: "completed" in rig.statuses(cid), 30, "the end of the command")
+        wait_until(lambda: not rig.off_loads(), 30, "all loads back on")
+        rig.pump()
+        restores = sorted(e["ts"] for e in rig.events if e["type"] == "load_restored")
+        assert len(restores) == len(shed) >= 2
+        # 20 kW per cycle: the demo's shed loads (22, 30, 12 kW ...) come back one per cycle
+        assert restores[-1] - restores[0] >= 1.5, f"restored together: {restores}"
+    finally:
+        runner.stop()
+        rig.close()
