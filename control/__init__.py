@@ -9,9 +9,12 @@ clock, talks to a device or keeps state between calls.
 The numeric work lives in :mod:`lmt.control.kernel` (numba ``@njit`` kernels over
 per-load arrays). This module is the small typed API over it:
 
-* :func:`decide_cap` - one cycle of "cap site import power at X kW": shed the
-  least important loads when above ``cap - margin``, restore our shed loads one per
-  cycle, most important first, when they fit below it with hysteresis.
+* :func:`decide_cap` - one cycle of "cap site import power at X kW": when above
+  ``cap - margin``, shed the set of loads that covers the excess at the least total
+  priority (then the least overshoot), chosen by :func:`select_shed`; below it, restore
+  our shed loads one per cycle, the most important of the set :func:`select_restore`
+  fits into the headroom left after hysteresis. ``CapParams(selection="priority")``
+  keeps the older priority-order greedy of :func:`lmt.control.kernel.cap_step`.
 * :func:`decide_release` - end of a command: restore everything we shed.
 * :func:`select_shed`, :func:`select_restore` - which loads to shed for a required
   reduction (least priority-weighted cost, then least overshoot) and which to restore
@@ -24,6 +27,7 @@ This package may import only numpy, numba and the standard library.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,12 +35,19 @@ from functools import lru_cache
 import numpy as np
 
 from lmt.control.kernel import KEEP, RESTORE, SHED, cap_step, release_step
-from lmt.control.select import Selection, select_restore, select_shed
+from lmt.control.select import (
+    DEFAULT_MAX_CELLS,
+    DEFAULT_RESOLUTION_KW,
+    Selection,
+    select_restore,
+    select_shed,
+)
 from lmt.control.select import warmup as _warmup_select
 
 __all__ = [
     "KEEP",
     "RESTORE",
+    "SELECTIONS",
     "SHED",
     "CapParams",
     "Decision",
@@ -79,15 +90,31 @@ class LoadState:
     available: bool = True  # False: its relay failed recently; not a candidate to shed
 
 
+SELECTIONS = ("optimal", "priority")
+
+
 @dataclass(frozen=True)
 class CapParams:
-    """Parameters of a "cap site import power" command (kW and seconds)."""
+    """Parameters of a "cap site import power" command (kW and seconds).
+
+    ``selection``: ``"optimal"`` (default) chooses the loads with :func:`select_shed` /
+    :func:`select_restore` (exact knapsack at ``resolution_kw`` while the dynamic
+    programme has at most ``max_cells`` cells, greedy beyond); ``"priority"`` keeps the
+    priority-order greedy of :func:`lmt.control.kernel.cap_step`.
+    """
 
     cap_kw: float
     margin_kw: float = 1.0
     hysteresis_kw: float = 2.0
     min_off_s: float = 5.0
     min_on_s: float = 5.0
+    selection: str = "optimal"
+    resolution_kw: float = DEFAULT_RESOLUTION_KW
+    max_cells: int = DEFAULT_MAX_CELLS
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
 
 
 @dataclass(frozen=True)
@@ -96,11 +123,17 @@ class Decision:
 
     ``shed`` is in shedding order (least important first), ``restore`` most
     important first. ``reasons`` holds one sentence per action, sheds first.
+    ``method`` says how the loads were chosen: ``"exact"`` (proven optimal at the
+    resolution), ``"greedy"`` (the problem was too large for the exact method),
+    ``"none"`` (even all available loads do not cover the excess: all are shed),
+    ``"priority"`` (``CapParams(selection="priority")``), ``"release"``
+    (:func:`decide_release`), or ``""`` when there is nothing to do.
     """
 
     shed: tuple[int, ...]
     restore: tuple[int, ...]
     reasons: tuple[str, ...]
+    method: str = ""
 
 
 _EMPTY = Decision((), (), ())
@@ -138,21 +171,79 @@ def _restore_order(loads: Sequence[LoadSpec], idx: Sequence[int]) -> list[int]:
     return sorted(idx, key=lambda i: (-loads[i].priority, loads[i].rated_kw, i))
 
 
-def decide_cap(
+def _eligible(
+    now_s: float,
+    loads: Sequence[LoadSpec],
+    states: Sequence[LoadState],
+    params: CapParams,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """rated kW, priority, may-be-shed mask, may-be-restored mask."""
+    rated, priority, controllable = _static_arrays(tuple(loads))
+    is_on, shed_by_us, last_switch = _state_arrays(states)
+    available = np.array([st.available for st in states], dtype=np.bool_)
+    since = now_s - last_switch
+    sheddable = controllable & available & is_on & (since >= params.min_on_s)
+    restorable = shed_by_us & ~is_on & (since >= params.min_off_s)
+    return rated, priority, sheddable, restorable
+
+
+def _decide_optimal(
     site_kw: float,
     now_s: float,
     loads: Sequence[LoadSpec],
     states: Sequence[LoadState],
     params: CapParams,
 ) -> Decision:
-    """One control cycle of "cap site import power at ``params.cap_kw``".
+    target = params.cap_kw - params.margin_kw
+    if not (math.isfinite(site_kw) and math.isfinite(target)):
+        return _EMPTY  # a faulty reading (or cap) decides nothing
+    rated, priority, sheddable, restorable = _eligible(now_s, loads, states, params)
+    weight = priority.astype(np.float64)
 
-    ``site_kw`` is the measured site import, ``now_s`` the current time on the clock
-    of ``LoadState.last_switch_s``. See :func:`lmt.control.kernel.cap_step`.
-    """
-    _check_lengths(loads, states)
-    if not loads:
+    if site_kw > target:
+        required = site_kw - target
+        sel = select_shed(required, rated, weight, sheddable, params.resolution_kw, params.max_cells)
+        shed = _shed_order(loads, sel.indices)
+        if not shed:
+            return _EMPTY
+        how = (
+            f"{sel.method} selection, cost {sel.total_weight:g}, overshoot {sel.slack_kw:.1f} kW"
+            if sel.covered
+            else f"{sel.method}: all available loads ({sel.total_kw:.1f} kW) do not cover it"
+        )
+        reasons = tuple(
+            f"shed {_describe(loads[i])}: site {site_kw:.1f} kW > cap {params.cap_kw:.1f}"
+            f" - margin {params.margin_kw:.1f}, need {required:.1f} kW; {how}"
+            for i in shed
+        )
+        return Decision(tuple(shed), (), reasons, sel.method)
+
+    headroom = target - site_kw - params.hysteresis_kw
+    if not (restorable.any() and headroom >= 0.0):
         return _EMPTY
+    # All candidates fit in any headroom above their total: keeps the input finite and small.
+    headroom = min(headroom, float(rated[restorable].sum()) + 1.0)
+    sel = select_restore(headroom, rated, weight, restorable, params.resolution_kw, params.max_cells)
+    if not sel.indices:
+        return _EMPTY
+    # Staggered: only the most important load of the chosen set this cycle; the rest is chosen
+    # again next cycle from the site measured then.
+    first = _restore_order(loads, sel.indices)[0]
+    reason = (
+        f"restore {_describe(loads[first])}: headroom {target - site_kw:.1f} kW"
+        f" - hysteresis {params.hysteresis_kw:.1f}; {sel.method} selection of"
+        f" {len(sel.indices)} load(s), {sel.total_kw:.1f} kW, value {sel.total_weight:g}"
+    )
+    return Decision((), (first,), (reason,), sel.method)
+
+
+def _decide_priority(
+    site_kw: float,
+    now_s: float,
+    loads: Sequence[LoadSpec],
+    states: Sequence[LoadState],
+    params: CapParams,
+) -> Decision:
     rated, priority, controllable = _static_arrays(tuple(loads))
     is_on, shed_by_us, last_switch = _state_arrays(states)
     if not all(st.available for st in states):
@@ -174,16 +265,51 @@ def decide_cap(
     )
     shed = _shed_order(loads, np.flatnonzero(actions == SHED).tolist())
     restore = _restore_order(loads, np.flatnonzero(actions == RESTORE).tolist())
+    if not shed and not restore:
+        return _EMPTY
     target = params.cap_kw - params.margin_kw
     reasons = [
         f"shed {_describe(loads[i])}: site {site_kw:.1f} kW > cap {params.cap_kw:.1f}"
-        f" - margin {params.margin_kw:.1f}"
+        f" - margin {params.margin_kw:.1f}; priority order"
         for i in shed
     ]
     reasons += [
-        f"restore {_describe(loads[i])}: headroom {target - site_kw:.1f} kW" for i in restore
+        f"restore {_describe(loads[i])}: headroom {target - site_kw:.1f} kW; priority order"
+        for i in restore
     ]
-    return Decision(tuple(shed), tuple(restore), tuple(reasons))
+    return Decision(tuple(shed), tuple(restore), tuple(reasons), "priority")
+
+
+def decide_cap(
+    site_kw: float,
+    now_s: float,
+    loads: Sequence[LoadSpec],
+    states: Sequence[LoadState],
+    params: CapParams,
+) -> Decision:
+    """One control cycle of "cap site import power at ``params.cap_kw``".
+
+    ``site_kw`` is the measured site import, ``now_s`` the current time on the clock
+    of ``LoadState.last_switch_s``.
+
+    With ``selection="optimal"`` (default): when ``site_kw > cap - margin``, the loads
+    that may be shed (not critical, available, on for at least ``min_on_s``) go to
+    :func:`select_shed` with ``required = site_kw - (cap - margin)`` and cost = priority:
+    the set covering it at the least total priority, then the least overshoot, is shed
+    (if none covers, all of them are: best effort). Nothing is restored in such a cycle.
+    Otherwise the loads we shed that are off for at least ``min_off_s`` go to
+    :func:`select_restore` with headroom ``cap - margin - site_kw - hysteresis`` and
+    value = priority, and the most important load of the chosen set is restored (one per
+    cycle). A non-finite ``site_kw`` yields no action. ``Decision.method`` and the reasons
+    say which method chose. With ``selection="priority"``: see
+    :func:`lmt.control.kernel.cap_step`.
+    """
+    _check_lengths(loads, states)
+    if not loads:
+        return _EMPTY
+    if params.selection == "priority":
+        return _decide_priority(float(site_kw), float(now_s), loads, states, params)
+    return _decide_optimal(float(site_kw), float(now_s), loads, states, params)
 
 
 def decide_release(loads: Sequence[LoadSpec], states: Sequence[LoadState]) -> Decision:
@@ -194,8 +320,10 @@ def decide_release(loads: Sequence[LoadSpec], states: Sequence[LoadState]) -> De
     is_on, shed_by_us, _ = _state_arrays(states)
     actions = release_step(shed_by_us, is_on)
     restore = _restore_order(loads, np.flatnonzero(actions == RESTORE).tolist())
+    if not restore:
+        return _EMPTY
     reasons = tuple(f"restore {_describe(loads[i])}: command ended" for i in restore)
-    return Decision((), tuple(restore), reasons)
+    return Decision((), tuple(restore), reasons, "release")
 
 
 def warmup() -> None:

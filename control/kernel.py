@@ -1,5 +1,10 @@
 """Numba kernels for the "cap site import power" command.
 
+:func:`cap_step` is the priority-order greedy selection, used by
+:func:`lmt.control.decide_cap` with ``CapParams(selection="priority")``; the default
+selection there is the optimal one of :mod:`lmt.control.select`. :func:`release_step`
+serves :func:`lmt.control.decide_release`.
+
 Pure functions: arrays and scalars in, one action per load out. No I/O, no clock
 (``now_s`` is an input), no state kept between calls. The caller applies the
 actions to the relays and updates ``is_on`` / ``shed_by_us`` / ``last_switch_s``.

@@ -537,7 +537,7 @@ def test_bad_command_corpus_is_refused_and_actuates_nothing(
         harmless_id = "ok-harmless-1"
         harmless = c.signed(c.body(cid=harmless_id))
         pub.publish(CMD, harmless.decode())
-        wait_until(lambda: listener.statuses(harmless_id) == ["accepted"], 10,
+        wait_until(lambda: "accepted" in listener.statuses(harmless_id), 10,
                    "the harmless cap to be accepted")
 
         t0 = time.monotonic()

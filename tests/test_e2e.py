@@ -9,6 +9,7 @@ reaches a subscriber with contiguous sequence numbers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import subprocess
@@ -202,15 +203,29 @@ def test_signed_cap_sheds_then_restores(terminal: Terminal) -> None:
     # under the cap within a few control cycles (1 s each), measured at the site's own meter
     wait_until(lambda: t.site.power_kw() < cap, 8, f"site power under the {cap} kW cap")
     under_after = time.monotonic() - accepted
-    # the lowest-priority loads went first: ev-chargers (p10), water-heater (p20),
-    # chiller-1 (p40); the critical server room never
-    sheds = wait_until(lambda: (lambda s: s if len(s) >= 3 else None)(
-        [e["data"]["load"] for e in t.records("events") if e["type"] == "load_shed"]),
-        10, "three load_shed events")
-    assert sheds[:3] == ["ev-chargers", "water-heater", "chiller-1"], sheds
+    # the agent shed, in its first cycle, the cheapest set of loads that covers the excess it
+    # measured: least total priority, then least overshoot; the critical server room never.
+    # The excess is ~47 kW (site - (cap - margin 2)) give or take the site's noise: ev-chargers
+    # (22 kW, p10) + chiller-1 (30 kW, p40) = 52 kW, cost 50, where the priority order would
+    # shed ev-chargers, water-heater and chiller-1 (64 kW, cost 70). So the expectation is
+    # computed from the site power logged with the decision.
+    executed = wait_until(lambda: next((r for r in t.records("results") if r["command_id"] == cid
+                                        and r["status"] == "executed"), None),
+                          10, "the command to be executed")
+    cfg = tomllib.loads((t.work / "agent.toml").read_text())
+    loads = {ld["name"]: ld for ld in cfg["loads"]}
+    need = executed["data"]["site_kw"] - (cap - cfg["control"]["margin_kw"])
+    pool = [n for n, ld in loads.items() if not ld.get("critical", False)]
+    best = min((sum(loads[n]["priority"] for n in c), sum(loads[n]["rated_kw"] for n in c) - need,
+                sorted(c))
+               for r in range(1, len(pool) + 1) for c in itertools.combinations(pool, r)
+               if sum(loads[n]["rated_kw"] for n in c) >= need)
+    sheds = executed["data"]["shed"]
+    assert sorted(sheds) == best[2], (need, sheds, best)
+    assert [loads[n]["priority"] for n in sheds] == sorted(loads[n]["priority"] for n in sheds)
     coils = t.site.coils()
-    assert not coils["relay_4"] and not coils["relay_1"]
-    assert coils["relay_2"] and coils["relay_3"] and coils["relay_6"] and coils["relay_7"]
+    for name, ld in loads.items():
+        assert coils[ld["point"]] == (name not in sheds), (name, coils)
     for e in t.records("events"):
         if e["type"] == "load_shed":
             assert e["data"]["command_id"] == cid and "cap" in e["data"]["reason"]
