@@ -41,7 +41,7 @@ log = logging.getLogger("lmt.agent.buffer")
 
 APPLICATION_ID = 0x4C4D5442  # "LMTB" in the file header: this file is an lmt-edge buffer
 SCHEMA_VERSION = 2  # 1: outbox, stream_state, shed_loads, seen_commands; 2: + drops, last_seq
-# (+ dr_state and optout_requests, created when missing: older versions ignore them)
+# (+ dr_state, optout_requests and mode_store, created when missing: older versions ignore them)
 DEFAULT_MAX_MB = 256.0
 HIGH_WATER = 0.90  # of the records' budget: past this, make room ...
 LOW_WATER = 0.80  # ... down to this
@@ -164,6 +164,11 @@ class Buffer:
                     not_null=("id", "state", "saved_at"), strict=True,
                 )
             self.db.execute(_OPTOUT_DDL)
+            if not self.db["mode_store"].exists():  # terminal control modes: params, state, records
+                self.db["mode_store"].create(
+                    {"key": str, "value": str, "saved_at": float}, pk="key",
+                    not_null=("key", "value", "saved_at"), strict=True,
+                )
 
     def _max_seq(self, stream: str) -> int:
         """The highest sequence number ever given in ``stream``: never reused, even when its
@@ -386,6 +391,16 @@ class Buffer:
 
     def load_dr_state(self) -> dict[str, Any] | None:
         row = self.db.execute("SELECT state FROM dr_state WHERE id = 1").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    # -- terminal control modes: "params" (ModeParams), "state" (ModeState), "records" ------
+    def save_mode(self, key: str, value: Any, now: float) -> None:
+        with self.db.atomic():
+            self.db.execute("INSERT OR REPLACE INTO mode_store(key, value, saved_at) VALUES (?, ?, ?)",
+                            [key, json.dumps(value, separators=(",", ":")), now])
+
+    def load_mode(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM mode_store WHERE key = ?", [key]).fetchone()
         return None if row is None else json.loads(row[0])
 
     def pending_optouts(self) -> list[tuple[int, str, str, float]]:

@@ -118,6 +118,20 @@ def _command_body(args: argparse.Namespace) -> dict:
         return dr_event_body(args.terminal, start=start, duration_s=args.duration,
                              signal=args.signal, value=args.value, randomize_s=args.randomize,
                              ramp_s=args.ramp, recovery_s=args.recovery, **common)
+    if args.kind == "modes":
+        try:
+            params = json.loads(args.params)
+        except ValueError as exc:
+            raise SystemExit(f"lmt platform {args.action}: --params is not JSON: {exc}") from None
+        return command_body("modes", args.terminal, params=params, **common)
+    if args.kind == "remote":
+        return command_body("remote", args.terminal, round=args.round, action=args.remote_action,
+                            alarm_delay_min=args.alarm_delay, limit_half_hours=args.limit,
+                            **common)
+    if args.kind == "guarantee":
+        return command_body("guarantee", args.terminal, on=args.state == "on",
+                            duration_half_hours=args.half_hours, auto_after_h=args.auto_after,
+                            **common)
     return command_body("cancel", args.terminal, target=args.target, **common)
 
 
@@ -185,7 +199,8 @@ def cmd_platform(args: argparse.Namespace) -> int:
             payload = Path(args.raw).read_text() if args.raw != "-" else sys.stdin.read()
         else:
             if not args.key or not args.kind:
-                print("lmt platform send: give --key and a command (cap, shed, dr_event, cancel), "
+                print("lmt platform send: give --key and a command (cap, shed, dr_event, cancel, "
+                      "modes, remote, guarantee), "
                       "or --raw FILE", file=sys.stderr)
                 return 2
             payload = sign_command_file(Path(args.key), _command_body(args))
@@ -473,6 +488,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bring loads back over this long after the end (default 0)")
         ca = kinds.add_parser("cancel", help="end an active command or DR event early")
         ca.add_argument("--target", required=True, help="id of the command or DR event to cancel")
+        mo = kinds.add_parser("modes", help="set terminal control mode parameters (a partial "
+                              "ModeParams as JSON, see docs/control.md)")
+        mo.add_argument("--params", required=True, metavar="JSON",
+                        help='e.g. \'{"floor_kw": 50, "power": {"slide_min": 5}}\'')
+        rc = kinds.add_parser("remote", help="remote trip or allow-close of one trip round")
+        rc.add_argument("remote_action", choices=["trip", "close"], metavar="trip|close")
+        rc.add_argument("--round", type=int, required=True, help="trip round 1-8")
+        rc.add_argument("--alarm-delay", type=int, default=0, metavar="MIN",
+                        help="trip: alarm this many minutes first, 0-15 (default 0)")
+        rc.add_argument("--limit", type=int, default=0, metavar="HALF_HOURS",
+                        help="trip: close again after this many half-hours, 0-255 "
+                             "(default 0: until an allow-close)")
+        gu = kinds.add_parser("guarantee", help="power guarantee on or off: every round closed")
+        gu.add_argument("state", choices=["on", "off"])
+        gu.add_argument("--half-hours", type=int, default=0,
+                        help="on: for this many half-hours, 0-255 (default 0: until off)")
+        gu.add_argument("--auto-after", type=int, metavar="H",
+                        help="guarantee automatically after H hours without platform contact "
+                             "(0 = never; default: unchanged)")
 
     def add_broker_options(sp: argparse.ArgumentParser) -> None:
         g = sp.add_argument_group("broker connection (as the agent's [mqtt] and [mqtt.tls])")

@@ -28,7 +28,7 @@ from paho.mqtt.client import MQTTMessageInfo
 
 from lmt.config.agent import AgentConfig
 from lmt.config.agent import Device as DeviceConfig
-from lmt.control import CapParams, LoadSpec, LoadState, decide_cap, decide_release, warmup
+from lmt.control import CapParams, LoadSpec, LoadState, decide_cap, decide_release, modes, warmup
 from lmt.control.dr import DrEvent, DrScheduler, Target, Transition, baseline_before
 from lmt.drivers.errors import DriverError
 
@@ -36,7 +36,17 @@ from . import lmt_version
 from .buffer import Buffer, Record
 from .devices import build_devices, due_names, set_request_timeout, transport_of
 from .health import DeviceHealth, HealthPolicy
-from .messages import CancelCommand, CapCommand, Command, DrEventCommand, ShedCommand, Status
+from .messages import (
+    CancelCommand,
+    CapCommand,
+    Command,
+    DrEventCommand,
+    GuaranteeCommand,
+    ModesCommand,
+    RemoteCommand,
+    ShedCommand,
+    Status,
+)
 from .mqtt import MqttLink, Topics
 from .security import Refusal, load_public_key, verify_command
 from .sync import Syncer
@@ -60,6 +70,16 @@ class AgentFailed(RuntimeError):
 
 
 SWITCH_RETRY_S = 30.0  # a load whose relay failed is left out of shedding this long
+MODE_RECORD_AFTER_S = 120.0  # a mode decision's record adds the site power this much later
+MODES_OWNER = "modes"  # command_id of the loads the terminal control modes switch
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A partial ModeParams update: objects merged field by field, anything else replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 class Agent:
@@ -100,6 +120,22 @@ class Agent:
         self._meter_ring: deque[tuple[float, float]] = deque()
         self.dr_target: Target | None = None
         self._dr_owner: str | None = None
+        # Terminal control modes: params (signed commands) and state, both in the buffer;
+        # rounds -> their loads; decision records waiting for their power two minutes later.
+        self.rounds: dict[int, list[int]] = {}
+        for i, ld in enumerate(cfg.loads):
+            if ld.round is not None:
+                self.rounds.setdefault(ld.round, []).append(i)
+        self.mode_params, self.mode_state = self._load_modes()
+        self._mode_records: list[dict[str, Any]] = list(self.buffer.load_mode("records") or [])
+        self._mode_held: set[int] = set()  # loads held off by a tripped round
+        self._mode_freed = False  # a round was released: its loads come back staggered
+        self._mode_out: modes.CycleOutputs | None = None
+        self._contact_mono = self.mono()  # platform contact: MQTT connected or a command
+        self._energy_point: str | None = None
+        main = self.devices[cfg.control.main_meter].profile
+        if main.has_point(cfg.modes.energy_point):
+            self._energy_point = cfg.modes.energy_point
         self.stopping = False
         self._commands: deque[bytes] = deque()
         self._pending_readings: list[dict[str, Any]] = []
@@ -127,6 +163,20 @@ class Agent:
                 log.error("DR state in the buffer is unreadable (%s): starting with no events",
                           exc)
         return DrScheduler(self.terminal, fractions)
+
+    def _load_modes(self) -> tuple[modes.ModeParams, modes.ModeState | None]:
+        params, state = modes.ModeParams(), None
+        try:
+            raw = self.buffer.load_mode("params")
+            if raw is not None:
+                params = modes.ModeParams.from_dict(raw)
+            raw = self.buffer.load_mode("state")
+            if raw is not None:
+                state = modes.ModeState.from_dict(raw)
+        except ValueError as exc:
+            log.error("terminal control mode data in the buffer is unreadable (%s): "
+                      "starting from what could be read", exc)
+        return params, state
 
     def _policy(self, d: DeviceConfig) -> HealthPolicy:
         """A device's health policy: response timeouts per transaction, from its line's own
@@ -357,7 +407,8 @@ class Agent:
         ``staggered``: at most ``control.restore_step_kw`` of rated load (and at least one
         load) per cycle, so the site does not rebound all at once; the rest follow in the next
         cycles. A stopping agent restores everything at once."""
-        dec = decide_release(self.load_specs, self.load_states)
+        view = self._cap_view()
+        dec = decide_release(self.load_specs, view)
         step, done = self.cfg.control.restore_step_kw, 0.0
         for idx in dec.restore:
             kw = self.cfg.loads[idx].rated_kw
@@ -366,7 +417,7 @@ class Agent:
             if await self._switch(idx, True, site, f"restore {self.cfg.loads[idx].name}: {why}",
                                   command_id):
                 done += kw
-        return not any(st.shed_by_us for st in self.load_states)
+        return not any(st.shed_by_us for st in self._cap_view())
 
     def _dr_step(self, site: float | None) -> Target | None:
         """The customer's opt-outs, then one scheduler tick with the baseline now."""
@@ -395,6 +446,7 @@ class Agent:
     async def control_step(self, fresh: set[str]) -> None:
         self._sync_load_states(fresh)
         site = self.site_kw() if self.cfg.control.main_meter in fresh else None
+        await self._modes_step(site)
         dr = self.dr_target = self._dr_step(site)
         dr_cap = dr.cap_kw if dr is not None and dr.cap_kw is not None else None
         act = self.active
@@ -429,7 +481,7 @@ class Agent:
                            hysteresis_kw=self.cfg.control.restore_hysteresis_kw,
                            min_off_s=self.cfg.control.min_off_s,
                            min_on_s=self.cfg.control.min_on_s)
-        dec = decide_cap(site, now, self.load_specs, self.load_states, params)
+        dec = decide_cap(site, now, self.load_specs, self._cap_view(), params)
         actions = [(i, False) for i in dec.shed] + [(i, True) for i in dec.restore]
         done = []
         for (idx, on), why in zip(actions, dec.reasons, strict=True):
@@ -447,8 +499,9 @@ class Agent:
     async def _no_cap(self, site: float | None, dr: Target | None) -> None:
         """No cap holds: a DR event recovering restores loads paced under its ceiling;
         otherwise every load we hold off comes back."""
-        if not any(st.shed_by_us for st in self.load_states):
+        if not any(st.shed_by_us for st in self._cap_view()):
             self._dr_owner = None
+            self._mode_freed = False
             return
         if dr is not None and dr.recovering and dr.restore_ceiling_kw is not None:
             if site is None:
@@ -457,7 +510,7 @@ class Agent:
             params = CapParams(cap_kw=dr.restore_ceiling_kw, margin_kw=0.0, hysteresis_kw=0.0,
                                min_off_s=self.cfg.control.min_off_s,
                                min_on_s=self.cfg.control.min_on_s)
-            dec = decide_cap(site, self.mono(), self.load_specs, self.load_states, params)
+            dec = decide_cap(site, self.mono(), self.load_specs, self._cap_view(), params)
             reasons = dec.reasons[len(dec.shed):]
             for idx, why in zip(dec.restore, reasons, strict=True):
                 await self._switch(idx, True, site, f"{why} (DR event {dr.event_id} recovery, "
@@ -468,8 +521,80 @@ class Agent:
             if await self._release(site, f"DR event {self._dr_owner} {state}", self._dr_owner):
                 self._dr_owner = None
             return
-        # left over from before a restart
-        await self._release(site, "no command holds it (shed before the agent restarted)", None)
+        # released by a control mode, or left over from before a restart
+        why = ("its round was released by the terminal control modes" if self._mode_freed
+               else "no command holds it (shed before the agent restarted)")
+        await self._release(site, why, None)
+
+    # -- terminal control modes ---------------------------------------------------------------
+    def _cap_view(self) -> list[LoadState]:
+        """The loads as the cap/DR controller sees them: a load held off by a tripped round is
+        neither its to restore nor to shed (off, not shed by it, unavailable)."""
+        if not self._mode_held:
+            return self.load_states
+        return [LoadState(is_on=False, available=False) if i in self._mode_held else st
+                for i, st in enumerate(self.load_states)]
+
+    def _mode_inputs(self, site: float | None) -> modes.CycleInputs:
+        now = self.clock()
+        day, minute = modes.local_time(now, self.cfg.modes.utc_offset_s)
+        energy = None
+        if self._energy_point is not None:
+            got = self.latest.get(self.cfg.control.main_meter)
+            value = got[1].get(self._energy_point) if got is not None else None
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                energy = float(value)
+        if self.link is not None and self.link.connected:
+            self._contact_mono = self.mono()
+        rounds = {r: sum(self.cfg.loads[i].rated_kw for i in idx) for r, idx in self.rounds.items()}
+        return modes.CycleInputs(now_s=now, local_date=day, minute_of_day=minute, site_kw=site,
+                                 import_kwh=energy,
+                                 since_contact_s=max(0.0, self.mono() - self._contact_mono),
+                                 rounds=rounds)
+
+    async def _modes_step(self, site: float | None) -> None:
+        """One step of the control modes: persist the state and the decision records, publish
+        them, then drive every round's loads to the wanted state."""
+        if not self.rounds:
+            return
+        try:
+            state, out = modes.step(self.mode_params, self.mode_state, self._mode_inputs(site))
+        except Exception:  # a bug in the modes must not stop the cycle (caps, DR, telemetry)
+            log.exception("terminal control modes step failed; rounds stay as they are")
+            return
+        self.mode_state, self._mode_out = state, out
+        now = self.clock()
+        for d in out.decisions:
+            data = {"round": d.round, "mode": d.mode, "reason": d.reason,
+                    "power_kw": None if d.power_kw is None else round(d.power_kw, 3)}
+            log.info("mode %s: %s round %s: %s", d.kind, d.mode, d.round, d.reason)
+            self.event(f"mode_{d.kind}", **data)
+            self._mode_records.append({"due": now + MODE_RECORD_AFTER_S, "kind": d.kind, **data})
+        due = [r for r in self._mode_records if r["due"] <= now]
+        if due:
+            kw = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
+            for r in due:
+                rec = {k: v for k, v in r.items() if k != "due"}
+                self.event("mode_record", **rec,
+                           power_kw_after_2min=None if kw is None else round(kw, 3))
+            self._mode_records = [r for r in self._mode_records if r["due"] > now]
+        # before switching: after a crash the relays are driven to the persisted wanted state
+        self.buffer.save_mode("state", state.to_dict(), now)
+        if out.decisions or due:
+            self.buffer.save_mode("records", self._mode_records, now)
+        tripped = set(out.tripped)
+        held = {i for r in tripped for i in self.rounds.get(r, [])}
+        if self._mode_held - held:
+            self._mode_freed = True  # released loads are restored by the staggered release
+        self._mode_held = held
+        for idx in sorted(held):
+            st, ld = self.load_states[idx], self.cfg.loads[idx]
+            if st.is_on and st.available:
+                await self._switch(idx, False, site, f"round {ld.round} tripped by the terminal "
+                                   "control modes", MODES_OWNER)
+            elif not st.shed_by_us:  # already off: ours to restore once the round is released
+                st.shed_by_us = True
+                self.buffer.set_shed(ld.name, MODES_OWNER, self.clock())
 
     def _finish(self, act: ActiveControl, status: str, detail: str, site: float | None) -> None:
         self.result(act.command_id, status, detail=detail, cap_kw=act.cap_kw)
@@ -485,7 +610,7 @@ class Agent:
         A DR event stays in its state (persisted): it resumes control at the next start."""
         act = self.active
         if act is None:
-            if any(st.shed_by_us for st in self.load_states):
+            if any(st.shed_by_us for st in self._cap_view()):
                 owner = self._dr_owner
                 await self._release(self.site_kw(), "agent stopping" + (
                     f" (DR event {owner} resumes control at the next start)" if owner else ""),
@@ -495,7 +620,7 @@ class Agent:
                                staggered=False):
             detail = "agent stopped before the command ended; all loads restored"
         else:
-            left = [ld.name for ld, st in zip(self.cfg.loads, self.load_states, strict=True)
+            left = [ld.name for ld, st in zip(self.cfg.loads, self._cap_view(), strict=True)
                     if st.shed_by_us]
             detail = (f"agent stopped before the command ended; could not restore "
                       f"{', '.join(left)} (restored at the next start)")
@@ -541,6 +666,10 @@ class Agent:
 
     def _start_command(self, cmd: Command, now: float) -> None:
         mono = self.mono()
+        self._contact_mono = mono
+        if isinstance(cmd, ModesCommand | RemoteCommand | GuaranteeCommand):
+            self._mode_command(cmd, now)
+            return
         if isinstance(cmd, DrEventCommand):
             self._receive_dr(cmd, now)
             return
@@ -591,6 +720,42 @@ class Agent:
         self.active = ActiveControl(cmd.id, cmd.type, cap, mono + duration)
         self.event("control_started", command_id=cmd.id, kind=cmd.type, cap_kw=round(cap, 3),
                    end_at=round(now + duration, 3))
+
+    def _mode_command(self, cmd: ModesCommand | RemoteCommand | GuaranteeCommand, now: float) -> None:
+        """Change the stored mode parameters; the next control cycle acts on them. Every
+        command is addressed to this terminal alone, so exclusion (剔除, which ignores group
+        commands) never refuses one."""
+        current = self.mode_params.to_dict()
+        if isinstance(cmd, ModesCommand):
+            update, detail = cmd.params, f"mode parameters set: {', '.join(sorted(cmd.params))}"
+        elif isinstance(cmd, RemoteCommand):
+            order = {"round": cmd.round, "action": cmd.action, "issued_s": now,
+                     "alarm_delay_min": cmd.alarm_delay_min, "limit_half_hours": cmd.limit_half_hours}
+            others = [o for o in current["remote"] if o["round"] != cmd.round]
+            update = {"remote": [*others, order]}
+            detail = (f"remote {cmd.action} of round {cmd.round}"
+                      + (f" after {cmd.alarm_delay_min} min of alarm" if cmd.action == "trip" else ""))
+            if cmd.round not in self.rounds:
+                raise Refusal("invalid", f"round {cmd.round} has no load on this terminal")
+        else:
+            g: dict[str, Any] = {"on": cmd.on, "issued_s": now,
+                                 "duration_half_hours": cmd.duration_half_hours}
+            if cmd.auto_after_h is not None:
+                g["auto_after_h"] = cmd.auto_after_h
+            update, detail = {"guarantee": g}, f"power guarantee {'on' if cmd.on else 'off'}"
+        try:
+            params = modes.ModeParams.from_dict(_merge(current, update))
+        except ValueError as exc:
+            raise Refusal("invalid", str(exc)) from None
+        self.buffer.save_mode("params", params.to_dict(), now)
+        self.mode_params = params
+        # the next cycle acts with a fresh main-meter reading (its decisions carry the power)
+        self.health[self.cfg.control.main_meter].next_attempt = self.mono()
+        self._last_read[self.cfg.control.main_meter].pop(self.cfg.control.power_point, None)
+        self.wake.set()
+        self.result(cmd.id, "accepted", detail=detail)
+        self.result(cmd.id, "completed", detail=f"{detail}; the control modes act on it from the "
+                    "next cycle")
 
     def _receive_dr(self, cmd: DrEventCommand, now: float) -> None:
         try:

@@ -54,7 +54,9 @@ class Event(_Msg):
     type: str = Field(description="load_shed, load_restored, switch_failed, device_offline, "
                                   "device_online, points_failed, points_recovered, "
                                   "control_started, control_ended, agent_started, "
-                                  "telemetry_dropped, buffer_full, optout_ignored")
+                                  "telemetry_dropped, buffer_full, optout_ignored, "
+                                  "mode_<kind> (alarm, alarm_off, trip, restore, "
+                                  "guarantee_on, guarantee_off, order, ignored), mode_record")
     data: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -202,7 +204,39 @@ class CancelCommand(_CommandBase):
     target: CommandId
 
 
-Command = Annotated[CapCommand | ShedCommand | DrEventCommand | CancelCommand,
+class ModesCommand(_CommandBase):
+    """Set terminal control mode parameters: ``params`` is a partial ``ModeParams`` (see
+    docs/control.md, "Terminal control modes"), merged into the stored ones (objects field by
+    field, lists replaced whole). Refused ``invalid`` when the result does not validate."""
+
+    type: Literal["modes"]
+    params: dict[str, Any] = Field(min_length=1)
+
+
+class RemoteCommand(_CommandBase):
+    """Remote control (遥控) of one trip round: ``trip`` after ``alarm_delay_min`` of alarm,
+    for ``limit_half_hours`` (0 = until an allow-close), or ``close`` (allow close)."""
+
+    type: Literal["remote"]
+    round: int = Field(ge=1, le=8)
+    action: Literal["trip", "close"]
+    alarm_delay_min: int = Field(default=0, ge=0, le=15)
+    limit_half_hours: int = Field(default=0, ge=0, le=255)
+
+
+class GuaranteeCommand(_CommandBase):
+    """Power guarantee (保电) on (every round closed, no mode control) for
+    ``duration_half_hours`` (0 = until switched off), or off. ``auto_after_h`` (optional):
+    guarantee automatically after this many hours without platform contact (0 = never)."""
+
+    type: Literal["guarantee"]
+    on: bool
+    duration_half_hours: int = Field(default=0, ge=0, le=255)
+    auto_after_h: int | None = Field(default=None, ge=0, le=255)
+
+
+Command = Annotated[CapCommand | ShedCommand | DrEventCommand | CancelCommand | ModesCommand
+                    | RemoteCommand | GuaranteeCommand,
                     Field(discriminator="type")]
 
 

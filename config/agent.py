@@ -301,6 +301,15 @@ class Load(_Strict):
     priority: int = Field(default=50, ge=1, le=100,
                           description="1 = least important (shed first) … 100 = shed last")
     critical: bool = Field(default=False, description="never shed")
+    round: int | None = Field(default=None, ge=1, le=8,
+                              description="trip round (轮次) 1-8 of the terminal control modes; "
+                                          "none = not under mode control")
+
+    @model_validator(mode="after")
+    def _critical_no_round(self) -> Load:
+        if self.critical and self.round is not None:
+            raise ValueError(f"load {self.name!r} is critical: it cannot be in trip round {self.round}")
+        return self
 
 
 class Control(_Strict):
@@ -338,6 +347,19 @@ class Dr(_Strict):
         return v
 
 
+class Modes(_Strict):
+    """Site settings of the terminal control modes (the mode parameters themselves come from
+    signed ``modes``/``remote``/``guarantee`` commands)."""
+
+    utc_offset_s: int = Field(default=8 * 3600, ge=-14 * 3600, le=14 * 3600,
+                              description="local time = UTC + this (the modes' periods, days and "
+                                          "months are local)")
+    energy_point: str = Field(default="import_energy_kwh",
+                              description="the main meter's cumulative import energy point (kWh) "
+                                          "for monthly and purchased-energy control; ignored when "
+                                          "its profile has no such point")
+
+
 class AgentConfig(_Strict):
     terminal: Terminal
     mqtt: Mqtt = Mqtt()
@@ -350,6 +372,7 @@ class AgentConfig(_Strict):
     control: Control
     loads: list[Load] = []
     dr: Dr = Dr()
+    modes: Modes = Modes()
 
     @model_validator(mode="after")
     def _check_refs(self) -> AgentConfig:
