@@ -109,6 +109,8 @@ def written(db: Path, stream: str = "telemetry") -> int:
     try:
         row = con.execute("SELECT MAX(seq) FROM outbox WHERE stream = ?", [stream]).fetchone()
         return int(row[0] or 0)
+    except sqlite3.OperationalError:  # the agent is still creating the file's tables
+        return 0
     finally:
         con.close()
 

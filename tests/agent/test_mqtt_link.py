@@ -161,11 +161,11 @@ def test_birth_and_will_carry_the_connection_number(broker: Broker) -> None:
         wait_until(lambda: h.link.generation == 2, 15, "the reconnect")
         seen: list[dict] = []
         wait_until(lambda: len(received(plat, seen)) >= 3, 10, "birth, will, birth")
-        first_birth, will, second_birth = seen[:3]
-        assert first_birth["online"] and not will["online"] and second_birth["online"]
-        assert will["connection"] == first_birth["connection"] == 1
-        assert second_birth["connection"] > will["connection"]
-        assert second_birth["connection"] == h.link.connection
+        # The broker may publish the old connection's will after the new birth (it notices
+        # the dead connection late): the connection number tells them apart, in any order.
+        got = {(m["online"], m["connection"]) for m in seen}
+        assert (True, 1) in got and (False, 1) in got, seen
+        assert (True, h.link.connection) in got and h.link.connection > 1, seen
     finally:
         plat.close()
         h.stop()
