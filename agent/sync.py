@@ -119,11 +119,6 @@ class Syncer:
             cur.backlog = deque([a, b] for a, b in self.buffer.unacked_ranges(s))
             cur.live_after = self.buffer.last_seq(s)
 
-    @property
-    def backlog_left(self) -> int:
-        """Sequence numbers still in the backlog (dropped ones included)."""
-        return sum(b - a + 1 for cur in self.cursors.values() for a, b in cur.backlog)
-
     def collect_acks(self) -> int:
         """Take every acknowledged message out of the window; return how many. Their ranges
         are written to the buffer in batches (a window's worth, or ``save_after_s``): one

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import tomli_w
+from common import emit
 from paho.mqtt.enums import CallbackAPIVersion
 
 from lmt.agent.broker import Broker
@@ -41,13 +42,6 @@ from lmt.config import load_agent_config
 from lmt.config.agent import Sync
 
 DEVICES = 50
-
-
-def emit(name: str, value: float, unit: str, baseline: float | None) -> None:
-    ratio = None if baseline in (None, 0) else round(value / baseline, 3)
-    print(json.dumps({"name": name, "value": round(value, 6), "unit": unit,
-                      "baseline": None if baseline is None else round(baseline, 6),
-                      "ratio": ratio}), flush=True)
 
 
 def readings(n: int, t0: float = 1.8e9) -> list[dict]:

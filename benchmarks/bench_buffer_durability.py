@@ -18,24 +18,18 @@ then one commit of the acknowledgement, both through lmt.agent.buffer.Buffer.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
 from pathlib import Path
+
+from common import emit
 
 from lmt.agent.buffer import Buffer
 
 METER = ["voltage_l1_v", "voltage_l2_v", "voltage_l3_v", "current_l1_a", "current_l2_a",
          "current_l3_a", "power_l1_w", "power_l2_w", "power_l3_w", "power_w", "frequency_hz",
          "power_factor", "import_energy_kwh", "export_energy_kwh"]
-
-
-def emit(name: str, value: float, unit: str, baseline: float | None) -> None:
-    ratio = None if baseline in (None, 0) else round(value / baseline, 3)
-    print(json.dumps({"name": name, "value": round(value, 6), "unit": unit,
-                      "baseline": None if baseline is None else round(baseline, 6),
-                      "ratio": ratio}), flush=True)
 
 
 def written_bytes() -> int:

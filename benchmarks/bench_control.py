@@ -54,17 +54,10 @@ from pathlib import Path
 
 import numpy as np
 import tomli_w
+from common import emit
 
 from lmt.control import Selection, select_restore, select_shed
 from lmt.control.select import select_restore_py, select_shed_py
-
-
-def emit(name: str, value: float, unit: str, baseline: float | None) -> None:
-    ratio = None if baseline in (None, 0) else round(value / baseline, 3)
-    print(json.dumps({"name": name, "value": round(value, 6), "unit": unit,
-                      "baseline": None if baseline is None else round(baseline, 6),
-                      "ratio": ratio}), flush=True)
-
 
 Case = tuple[float, list[float], list[float], list[bool]]
 

@@ -53,6 +53,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import tomli_w
+from common import emit
 from paho.mqtt.enums import CallbackAPIVersion
 from pymodbus.client import ModbusTcpClient
 
@@ -77,13 +78,6 @@ CAP_KW = 1.0  # below the base load (about 50 kW): every load must go
 LAUNCH = ("import sys; from pathlib import Path; import lmt.config.profiles as p; "
           "p.PROFILE_DIR = Path(sys.argv[1]); from lmt.agent.cli import main; "
           "sys.exit(main(sys.argv[2:]))")
-
-
-def emit(name: str, value: float, unit: str, baseline: float | None) -> None:
-    ratio = None if baseline in (None, 0) else round(value / baseline, 3)
-    print(json.dumps({"name": name, "value": round(value, 6), "unit": unit,
-                      "baseline": None if baseline is None else round(baseline, 6),
-                      "ratio": ratio}), flush=True)
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import tomli_w
+from common import emit
 from pymodbus.client import AsyncModbusTcpClient
 
 from lmt.agent.broker import free_port, wait_for_port
@@ -34,13 +34,6 @@ from lmt.config.profiles import Profile, Table, available_profiles
 from lmt.drivers import plan
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def emit(name: str, value: float, unit: str, baseline: float | None) -> None:
-    ratio = None if baseline in (None, 0) else round(value / baseline, 3)
-    print(json.dumps({"name": name, "value": round(value, 6), "unit": unit,
-                      "baseline": None if baseline is None else round(baseline, 6),
-                      "ratio": ratio}), flush=True)
 
 
 def bench_profiles() -> list[Profile]:
