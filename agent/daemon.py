@@ -28,7 +28,16 @@ from paho.mqtt.client import MQTTMessageInfo
 
 from lmt.config.agent import AgentConfig
 from lmt.config.agent import Device as DeviceConfig
-from lmt.control import CapParams, LoadSpec, LoadState, decide_cap, decide_release, modes, warmup
+from lmt.control import (
+    CapParams,
+    Decision,
+    LoadSpec,
+    LoadState,
+    decide_cap,
+    decide_release,
+    modes,
+    warmup,
+)
 from lmt.control.dr import DrEvent, DrScheduler, Target, Transition, baseline_before
 from lmt.drivers.errors import DriverError
 
@@ -103,14 +112,20 @@ class Agent:
         self.latest: dict[str, tuple[float, dict[str, float | bool | None]]] = {}
         meter = self.devices[cfg.control.main_meter].profile.point(cfg.control.power_point)
         self._power_to_kw = 0.001 if meter.unit == "W" else 1.0
-        self.load_specs = [LoadSpec(ld.name, ld.rated_kw, ld.priority, ld.critical)
+        self.load_specs = [LoadSpec(ld.name, ld.rated_kw, ld.priority, kind=ld.kind,
+                                    min_on_s=ld.min_on_s, min_off_s=ld.min_off_s,
+                                    max_off_s=ld.max_off_s, min_pct=ld.min_pct)
                            for ld in cfg.loads]
         self.load_states = [LoadState(is_on=True) for _ in cfg.loads]
         # Loads a command had shed when the agent last stopped (crash, power cut): they are
-        # restored by the first control step unless a command holds them.
+        # restored by the first control step unless a command holds them; an adjustable one
+        # goes back to the setpoint it had before we lowered it.
         held = self.buffer.shed_loads()
+        self._restore_pcts: dict[str, float] = dict(self.buffer.load_mode("restore_pct") or {})
         for ld, st in zip(cfg.loads, self.load_states, strict=True):
             st.shed_by_us = ld.name in held
+            if st.shed_by_us and ld.kind == "adjustable":
+                st.restore_pct = float(self._restore_pcts.get(ld.name, 100.0))
         self._retry_switch: dict[int, float] = {}
         self.active: ActiveControl | None = None
         # Demand response: the scheduler (persisted in the buffer), the recent main-meter
@@ -351,7 +366,17 @@ class Agent:
     def _sync_load_states(self, fresh: set[str]) -> None:
         now = self.mono()
         for i, (ld, st) in enumerate(zip(self.cfg.loads, self.load_states, strict=True)):
-            if ld.device in fresh:
+            if ld.device in fresh and ld.kind == "adjustable":
+                value = self.latest[ld.device][1].get(ld.point)
+                if isinstance(value, bool) or not isinstance(value, int | float) \
+                        or not math.isfinite(value):
+                    continue
+                st.setpoint_pct = float(value) / self._full_scale(i) * 100.0
+                if st.shed_by_us and st.setpoint_pct >= st.restore_pct - 0.5:
+                    # back where it was (by hand, or the device's own fallback): not held
+                    st.shed_by_us = False
+                    self.buffer.clear_shed(ld.name)
+            elif ld.device in fresh:
                 on = self.latest[ld.device][1].get(ld.point)
                 if on is None:
                     continue
@@ -376,17 +401,7 @@ class Agent:
         try:
             await self.devices[ld.device].write_coil(ld.point, on)
         except Exception as exc:  # a failed switch must never stop the cycle
-            if isinstance(exc, DriverError):
-                error = str(exc)
-                log.warning("switching %s %s failed: %s", ld.name, "on" if on else "off", error)
-            else:  # a bug or a configuration the validation missed: say so, carry on
-                error = f"{type(exc).__name__}: {exc}"
-                log.exception("switching %s %s failed unexpectedly", ld.name,
-                              "on" if on else "off")
-            self._retry_switch[idx] = self.mono() + SWITCH_RETRY_S
-            st.available = False
-            self.event("switch_failed", load=ld.name, on=on, error=error,
-                       command_id=command_id)
+            self._write_failed(idx, "on" if on else "off", exc, command_id, on=on)
             return False
         st.is_on = on
         st.last_switch_s = self.mono()
@@ -400,6 +415,87 @@ class Agent:
                    reason=reason, command_id=command_id)
         return True
 
+    def _write_failed(self, idx: int, what: str, exc: Exception, command_id: str | None,
+                      **data: Any) -> None:
+        ld, st = self.cfg.loads[idx], self.load_states[idx]
+        if isinstance(exc, DriverError):
+            error = str(exc)
+            log.warning("switching %s %s failed: %s", ld.name, what, error)
+        else:  # a bug or a configuration the validation missed: say so, carry on
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("switching %s %s failed unexpectedly", ld.name, what)
+        self._retry_switch[idx] = self.mono() + SWITCH_RETRY_S
+        st.available = False
+        self.event("switch_failed", load=ld.name, **data, error=error, command_id=command_id)
+
+    def _full_scale(self, idx: int) -> float:
+        return self.cfg.loads[idx].full_scale or 100.0
+
+    async def _set(self, idx: int, pct: float, site_kw: float | None, reason: str,
+                   command_id: str | None, quiet: bool = False) -> bool:
+        """Write an adjustable load's setpoint (% of its full scale); ``quiet``: a periodic
+        rewrite of the same value, logged but not an event."""
+        ld, st = self.cfg.loads[idx], self.load_states[idx]
+        before = st.setpoint_pct
+        if pct < before and not st.shed_by_us:
+            # Held from here on, recorded before the write (as for a shed): restored after a
+            # restart to the setpoint it had.
+            st.restore_pct, st.shed_by_us = before, True
+            self.buffer.set_shed(ld.name, command_id, self.clock())
+            self._restore_pcts[ld.name] = round(before, 3)
+            self.buffer.save_mode("restore_pct", self._restore_pcts, self.clock())
+        value = round(pct / 100.0 * self._full_scale(idx), 4)
+        try:
+            await self.devices[ld.device].write_point(ld.point, value)
+        except Exception as exc:  # a failed write must never stop the cycle
+            self._write_failed(idx, f"to {pct:.1f} %", exc, command_id, setpoint_pct=pct)
+            return False
+        st.setpoint_pct = pct
+        st.last_switch_s = self.mono()
+        if st.shed_by_us and pct >= st.restore_pct - 1e-6:
+            st.shed_by_us = False
+            self.buffer.clear_shed(ld.name)
+            self._restore_pcts.pop(ld.name, None)
+        if quiet:
+            log.debug("%s setpoint rewritten: %.1f %%", ld.name, pct)
+            return True
+        log.info("%s set to %.1f %%: %s", ld.name, pct, reason)
+        self.event("load_adjusted", load=ld.name, device=ld.device, point=ld.point,
+                   rated_kw=ld.rated_kw, setpoint_pct=round(pct, 2), from_pct=round(before, 2),
+                   value=value, kw_change=round((pct - before) * ld.rated_kw / 100.0, 3),
+                   site_kw=None if site_kw is None else round(site_kw, 3),
+                   reason=reason, command_id=command_id)
+        return True
+
+    async def _apply(self, dec: Decision, site: float | None, owner: str | None,
+                     restore_only: bool = False, suffix: str = "") -> list[str]:
+        """Carry out a decision's steps in order; the names of the loads shed or lowered.
+        ``restore_only``: only what brings load back (a recovering DR event)."""
+        done = []
+        for idx, kind, pct, why in dec.steps():
+            if kind == "set":
+                assert pct is not None
+                lower = pct < self.load_states[idx].setpoint_pct
+                if restore_only and lower:
+                    continue
+                if await self._set(idx, pct, site, why + suffix, owner) and lower:
+                    done.append(self.cfg.loads[idx].name)
+            elif kind == "shed" and not restore_only:
+                if await self._switch(idx, False, site, why + suffix, owner):
+                    done.append(self.cfg.loads[idx].name)
+            elif kind == "restore":
+                await self._switch(idx, True, site, why + suffix, owner)
+        return done
+
+    async def _rewrite_setpoints(self, owner: str | None) -> None:
+        """Devices that fall back to a default without fresh writes (an EV charger's validity
+        time): the setpoint of a load we hold lowered is written again every ``rewrite_s``."""
+        now = self.mono()
+        for idx, (ld, st) in enumerate(zip(self.cfg.loads, self.load_states, strict=True)):
+            if ld.rewrite_s is not None and st.shed_by_us and st.available \
+                    and now - st.last_switch_s >= ld.rewrite_s:
+                await self._set(idx, st.setpoint_pct, None, "rewrite", owner, quiet=True)
+
     async def _release(self, site: float | None, why: str, command_id: str | None,
                        staggered: bool = True) -> bool:
         """Restore the loads we hold off, most important first; True when none is left off.
@@ -410,12 +506,21 @@ class Agent:
         view = self._cap_view()
         dec = decide_release(self.load_specs, view)
         step, done = self.cfg.control.restore_step_kw, 0.0
-        for idx in dec.restore:
-            kw = self.cfg.loads[idx].rated_kw
+        for idx, kind, pct, _why in dec.steps():
+            ld, st = self.cfg.loads[idx], view[idx]
+            if kind == "set":
+                assert pct is not None
+                kw = (pct - st.setpoint_pct) * ld.rated_kw / 100.0
+            else:
+                kw = ld.rated_kw
             if staggered and done > 0 and done + kw > step:
                 break
-            if await self._switch(idx, True, site, f"restore {self.cfg.loads[idx].name}: {why}",
-                                  command_id):
+            if kind == "set":
+                assert pct is not None
+                ok = await self._set(idx, pct, site, f"back to {pct:.1f} %: {why}", command_id)
+            else:
+                ok = await self._switch(idx, True, site, f"restore {ld.name}: {why}", command_id)
+            if ok:
                 done += kw
         return not any(st.shed_by_us for st in self._cap_view())
 
@@ -482,11 +587,8 @@ class Agent:
                            min_off_s=self.cfg.control.min_off_s,
                            min_on_s=self.cfg.control.min_on_s)
         dec = decide_cap(site, now, self.load_specs, self._cap_view(), params)
-        actions = [(i, False) for i in dec.shed] + [(i, True) for i in dec.restore]
-        done = []
-        for (idx, on), why in zip(actions, dec.reasons, strict=True):
-            if await self._switch(idx, on, site, why, owner) and not on:
-                done.append(self.cfg.loads[idx].name)
+        done = await self._apply(dec, site, owner)
+        await self._rewrite_setpoints(owner)
         if act is not None and not act.executed:
             act.executed = True
             self.result(act.command_id, "executed",
@@ -511,10 +613,10 @@ class Agent:
                                min_off_s=self.cfg.control.min_off_s,
                                min_on_s=self.cfg.control.min_on_s)
             dec = decide_cap(site, self.mono(), self.load_specs, self._cap_view(), params)
-            reasons = dec.reasons[len(dec.shed):]
-            for idx, why in zip(dec.restore, reasons, strict=True):
-                await self._switch(idx, True, site, f"{why} (DR event {dr.event_id} recovery, "
-                                   f"ceiling {dr.restore_ceiling_kw:.1f} kW)", dr.event_id)
+            await self._apply(dec, site, dr.event_id, restore_only=True,
+                              suffix=f" (DR event {dr.event_id} recovery, ceiling "
+                                     f"{dr.restore_ceiling_kw:.1f} kW)")
+            await self._rewrite_setpoints(dr.event_id)
             return
         if self._dr_owner is not None:
             state = self.dr.state_of(self._dr_owner) or "ended"

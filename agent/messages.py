@@ -51,7 +51,8 @@ class Reading(_Msg):
 class Event(_Msg):
     seq: int = Field(ge=1, description="events stream sequence number")
     ts: float
-    type: str = Field(description="load_shed, load_restored, switch_failed, device_offline, "
+    type: str = Field(description="load_shed, load_restored, load_adjusted, switch_failed, "
+                                  "device_offline, "
                                   "device_online, points_failed, points_recovered, "
                                   "control_started, control_ended, agent_started, "
                                   "telemetry_dropped, buffer_full, optout_ignored, "

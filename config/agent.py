@@ -293,22 +293,73 @@ class Device(_Strict):
         return self
 
 
+LoadClass = Literal["critical", "interruptible", "adjustable", "deferrable"]
+
+
 class Load(_Strict):
+    """A controllable load. ``class``: ``critical`` (never shed), ``interruptible`` (on/off by
+    a coil), ``adjustable`` (a setpoint register, 0-100 % of ``full_scale``), ``deferrable``
+    (on/off, shed at most ``max_off_s``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     name: str = Field(pattern=NAME)
     device: str
     point: str
     rated_kw: float = Field(gt=0)
     priority: int = Field(default=50, ge=1, le=100,
                           description="1 = least important (shed first) … 100 = shed last")
-    critical: bool = Field(default=False, description="never shed")
+    kind: LoadClass = Field(default="interruptible", alias="class",
+                            description="critical, interruptible, adjustable or deferrable")
+    critical: bool = Field(default=False, description="never shed: the same as class = "
+                                                      "\"critical\"")
     round: int | None = Field(default=None, ge=1, le=8,
                               description="trip round (轮次) 1-8 of the terminal control modes; "
                                           "none = not under mode control")
+    min_on_s: float | None = Field(default=None, ge=0, le=86400,
+                                   description="stay on at least this long after a restore "
+                                               "(default: control.min_on_s; adjustable: 0)")
+    min_off_s: float | None = Field(default=None, ge=0, le=86400,
+                                    description="stay off at least this long after a shed "
+                                                "(default: control.min_off_s; adjustable: 0)")
+    max_off_s: float | None = Field(default=None, gt=0, le=7 * 86400,
+                                    description="shed at most this long: then restored, and "
+                                                "another load shed in its place (rotation); "
+                                                "required for a deferrable load")
+    full_scale: float | None = Field(default=None, gt=0,
+                                     description="adjustable: the setpoint register's value at "
+                                                 "100 % (e.g. 32 for a 32 A charger); default "
+                                                 "100 (a register in %)")
+    min_pct: float = Field(default=0.0, ge=0, lt=100,
+                           description="adjustable: never set below this % when shedding")
+    rewrite_s: float | None = Field(default=None, gt=0, le=3600,
+                                    description="adjustable: while lowered, write the setpoint "
+                                                "again this often (devices that fall back to "
+                                                "a default without fresh writes)")
 
     @model_validator(mode="after")
-    def _critical_no_round(self) -> Load:
+    def _check_class(self) -> Load:
+        if self.critical:
+            if self.kind not in ("interruptible", "critical"):
+                raise ValueError(f"load {self.name!r}: critical = true contradicts class = "
+                                 f"{self.kind!r}")
+            self.kind = "critical"
+        self.critical = self.kind == "critical"
         if self.critical and self.round is not None:
             raise ValueError(f"load {self.name!r} is critical: it cannot be in trip round {self.round}")
+        if self.kind == "adjustable" and self.round is not None:
+            raise ValueError(f"load {self.name!r} is adjustable: trip rounds open breakers; put "
+                             "it under cap and DR control only (no round)")
+        if self.kind == "deferrable" and self.max_off_s is None:
+            raise ValueError(f"load {self.name!r} is deferrable: give max_off_s, how long it may "
+                             "be held off before it must run again")
+        if self.kind != "adjustable" and (self.full_scale is not None or self.min_pct
+                                          or self.rewrite_s is not None):
+            raise ValueError(f"load {self.name!r}: full_scale, min_pct and rewrite_s are for class = "
+                             "\"adjustable\" loads")
+        if self.kind == "adjustable" and self.max_off_s is not None:
+            raise ValueError(f"load {self.name!r}: an adjustable load is never switched off; "
+                             "max_off_s is for on/off loads")
         return self
 
 
@@ -421,11 +472,21 @@ class AgentConfig(_Strict):
                 raise ValueError(f"loads[{i}].point: {load.device!r} ({prof.id}) has no "
                                  f"writable point {load.point!r}")
             point = prof.point(load.point)
-            if point.table is not Table.COIL:
+            if load.kind == "adjustable":
+                if point.table is not Table.HOLDING or point.is_bool:
+                    raise ValueError(f"loads[{i}].point: {load.device}.{load.point} ({prof.id}) "
+                                     "is not a setpoint; an adjustable load is set by a writable "
+                                     "numeric holding register")
+                if load.full_scale is None and point.unit != "%":
+                    raise ValueError(f"loads[{i}].full_scale: {load.device}.{load.point} is in "
+                                     f"{point.unit or 'no unit'}, not %; give the value it "
+                                     "takes at 100 % (e.g. the charger's maximum current)")
+            elif point.table is not Table.COIL:
                 kind = f"a {point.table.value} register" if point.table else "a DL/T 645"
                 raise ValueError(f"loads[{i}].point: {load.device}.{load.point} ({prof.id}) is "
                                  f"{kind} point; a load is switched by a writable coil "
-                                 "(on = load supplied)")
+                                 "(on = load supplied); a setpoint register makes a "
+                                 "class = \"adjustable\" load")
             if (load.device, load.point) in seen_points:
                 raise ValueError(f"loads[{i}].point: {load.device}.{load.point} already "
                                  "switches another load")

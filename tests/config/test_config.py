@@ -153,9 +153,44 @@ def test_a_load_must_be_a_writable_coil(tmp_path: Path) -> None:
     msg = str(ei.value)
     assert str(p) in msg and "loads[1].point" in msg and "loads[0]" not in msg
     assert "ev.ev_setpoint_a (alfen-ng9xx) is a holding register point" in msg
-    assert "writable coil" in msg
+    assert "writable coil" in msg and 'class = "adjustable"' in msg
     # the coil alone is fine
     load_agent_config(_write(tmp_path, text[:text.rindex("[[loads]]")]))
+
+
+def test_load_classes(tmp_path: Path) -> None:
+    head = BASE.format(port=502) + (
+        '\n[[devices]]\nname = "ev"\nprofile = "alfen-ng9xx"\nhost = "127.0.0.1"\n'
+        '\n[[devices]]\nname = "relays"\nprofile = "generic-relay-8"\nhost = "127.0.0.1"\n')
+    ev = '\n[[loads]]\nname = "ev"\ndevice = "ev"\npoint = "ev_setpoint_a"\nrated_kw = 22\n'
+    relay = '\n[[loads]]\nname = "boiler"\ndevice = "relays"\npoint = "relay_1"\nrated_kw = 5\n'
+    ok = load_agent_config(_write(tmp_path, head + ev + 'class = "adjustable"\nfull_scale = 32\n'
+                                  'min_pct = 20\nrewrite_s = 30\n' + relay
+                                  + 'class = "deferrable"\nmax_off_s = 900\nmin_on_s = 600\n'))
+    assert [ld.kind for ld in ok.loads] == ["adjustable", "deferrable"]
+    assert ok.loads[1].min_on_s == 600 and ok.loads[0].full_scale == 32
+    crit = load_agent_config(_write(tmp_path, head + relay + "critical = true\n"))
+    assert crit.loads[0].kind == "critical" and crit.loads[0].critical
+    bad = [
+        (ev + 'class = "adjustable"\n', "loads[0].full_scale", "in A, not %"),
+        (relay + 'class = "adjustable"\nfull_scale = 1\n', "loads[0].point",
+         "not a setpoint"),
+        (relay + 'class = "deferrable"\n', "loads[0]", "give max_off_s"),
+        (relay + 'class = "boost"\n', "loads[0].class", "'critical', 'interruptible'"),
+        (relay + 'class = "adjustable"\ncritical = true\n', "loads[0]", "contradicts"),
+        (relay + "min_pct = 10\n", "loads[0]", "are for class = \"adjustable\""),
+        (ev + 'class = "adjustable"\nfull_scale = 32\nround = 2\n', "loads[0]",
+         "trip rounds open breakers"),
+        (ev + 'class = "adjustable"\nfull_scale = 32\nmax_off_s = 60\n', "loads[0]",
+         "never switched off"),
+        (relay + "min_on_s = -1\n", "loads[0].min_on_s", "greater than or equal to 0"),
+    ]
+    for body, key, what in bad:
+        p = _write(tmp_path, head + body)
+        with pytest.raises(ConfigError) as ei:
+            load_agent_config(p)
+        msg = str(ei.value)
+        assert str(p) in msg and key in msg and what in msg, (body, msg)
 
 
 LINES = """
