@@ -100,6 +100,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 # -- platform --------------------------------------------------------------------------------
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give load names separated by commas")
+    return names
+
+
 def _command_body(args: argparse.Namespace) -> dict:
     from .platform import command_body
 
@@ -107,10 +114,10 @@ def _command_body(args: argparse.Namespace) -> dict:
               "issued_at": args.issued_at}
     if args.kind == "cap":
         return command_body("cap", args.terminal, cap_kw=args.kw, duration_s=args.duration,
-                            until=args.until, **common)
+                            until=args.until, loads=args.loads, **common)
     if args.kind == "shed":
         return command_body("shed", args.terminal, shed_kw=args.kw, duration_s=args.duration,
-                            **common)
+                            loads=args.loads, **common)
     if args.kind == "dr_event":
         from .platform import dr_event_body
 
@@ -468,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
         sh = kinds.add_parser("shed", help="reduce the site's import by --kw for --for")
         sh.add_argument("--kw", type=float, required=True)
         sh.add_argument("--for", dest="duration", type=parse_duration, required=True)
+        for kp in (c, sh):
+            kp.add_argument("--loads", type=_names, metavar="A,B",
+                            help="shed only these loads (default: any that is not critical)")
         dr = kinds.add_parser("dr_event", help="a demand-response event: a signal over a window "
                               "(its id, --id, is the event id)")
         when = dr.add_mutually_exclusive_group(required=True)

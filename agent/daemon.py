@@ -20,7 +20,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class ActiveControl:
     executed: bool = False
     ending: str | None = None  # None, "completed" or "cancelled"
     cancel_id: str | None = None
+    loads: frozenset[int] | None = None  # the command's `loads`: only these may be shed
 
 
 class AgentFailed(RuntimeError):
@@ -586,7 +587,12 @@ class Agent:
                            hysteresis_kw=self.cfg.control.restore_hysteresis_kw,
                            min_off_s=self.cfg.control.min_off_s,
                            min_on_s=self.cfg.control.min_on_s)
-        dec = decide_cap(site, now, self.load_specs, self._cap_view(), params)
+        view = self._cap_view()
+        if act is not None and owner == act.command_id and act.loads is not None:
+            # only the command's loads may be shed (any load it shed may come back)
+            view = [st if i in act.loads else replace(st, available=False)
+                    for i, st in enumerate(view)]
+        dec = decide_cap(site, now, self.load_specs, view, params)
         done = await self._apply(dec, site, owner)
         await self._rewrite_setpoints(owner)
         if act is not None and not act.executed:
@@ -791,6 +797,8 @@ class Agent:
             self.active.ending = "cancelled"
             self.active.cancel_id = cmd.id
             return
+        assert isinstance(cmd, ShedCommand | CapCommand)
+        allowed = self._allowed_loads(cmd.loads)
         if isinstance(cmd, ShedCommand):
             site = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
             if site is None:
@@ -801,13 +809,14 @@ class Agent:
                               f"{site:.1f} kW import")
             detail = f"shed {cmd.shed_kw:g} kW from {site:.1f} kW: cap {cap:.1f} kW"
         else:
-            assert isinstance(cmd, CapCommand)
             cap = cmd.cap_kw
             duration = cmd.duration_s if cmd.duration_s is not None else (cmd.until or now) - now
             if duration <= 0:
                 raise Refusal("expired", "the cap's end time has passed")
             detail = f"cap {cap:g} kW"
         detail += f" for {duration:.0f} s"
+        if cmd.loads is not None:
+            detail += f", shedding only {', '.join(cmd.loads)}"
         old = self.active
         if old is not None:
             # The new command takes over the loads the old one shed.
@@ -819,9 +828,25 @@ class Agent:
         self._last_read[self.cfg.control.main_meter].pop(self.cfg.control.power_point, None)
         self.result(cmd.id, "accepted", detail=detail, cap_kw=round(cap, 3),
                     end_at=round(now + duration, 3))
-        self.active = ActiveControl(cmd.id, cmd.type, cap, mono + duration)
+        self.active = ActiveControl(cmd.id, cmd.type, cap, mono + duration, loads=allowed)
         self.event("control_started", command_id=cmd.id, kind=cmd.type, cap_kw=round(cap, 3),
                    end_at=round(now + duration, 3))
+
+    def _allowed_loads(self, names: list[str] | None) -> frozenset[int] | None:
+        """A command's ``loads`` as indices; Refusal for an unknown or a critical load."""
+        if names is None:
+            return None
+        index = {ld.name: i for i, ld in enumerate(self.cfg.loads)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            known = ", ".join(index) or "none"
+            raise Refusal("invalid", f"unknown load {', '.join(map(repr, unknown))} (this "
+                          f"terminal's loads: {known})")
+        critical = [n for n in names if self.cfg.loads[index[n]].critical]
+        if critical:
+            raise Refusal("invalid", f"load {', '.join(map(repr, critical))} is critical: "
+                          "never shed")
+        return frozenset(index[n] for n in names)
 
     def _mode_command(self, cmd: ModesCommand | RemoteCommand | GuaranteeCommand, now: float) -> None:
         """Change the stored mode parameters; the next control cycle acts on them. Every

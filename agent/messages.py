@@ -15,6 +15,17 @@ MAX_DURATION_S = 7 * 86400
 
 TerminalId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 CommandId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+LoadName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+
+
+def _unique_loads(loads: list[str] | None) -> None:
+    if loads is not None and len(set(loads)) != len(loads):
+        raise ValueError("loads names a load twice")
+
+
+_LOADS_DESCRIPTION = ("shed only these loads (names of the terminal's [[loads]]); default: any "
+                      "load that is not critical. An unknown or critical load refuses the "
+                      "command (invalid)")
 
 
 class _Msg(BaseModel):
@@ -144,9 +155,12 @@ class CapCommand(_CommandBase):
     cap_kw: float = Field(gt=0, le=1_000_000)
     duration_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
     until: float | None = Field(default=None, description="unix time the cap ends")
+    loads: list[LoadName] | None = Field(default=None, min_length=1, max_length=256,
+                                         description=_LOADS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _one_end(self) -> CapCommand:
+        _unique_loads(self.loads)
         if (self.duration_s is None) == (self.until is None):
             raise ValueError("give exactly one of duration_s and until")
         if self.until is not None and self.until - self.issued_at > MAX_DURATION_S:
@@ -160,6 +174,13 @@ class ShedCommand(_CommandBase):
     type: Literal["shed"]
     shed_kw: float = Field(gt=0, le=1_000_000)
     duration_s: float = Field(gt=0, le=MAX_DURATION_S)
+    loads: list[LoadName] | None = Field(default=None, min_length=1, max_length=256,
+                                         description=_LOADS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _check_loads(self) -> ShedCommand:
+        _unique_loads(self.loads)
+        return self
 
 
 DrSignal = Literal["level", "reduction_kw", "reduction_pct", "cap_kw"]

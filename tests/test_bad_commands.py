@@ -135,7 +135,10 @@ class Corpus:
                   "shed": {"shed_kw": 10.0, "duration_s": 600.0},
                   "cancel": {"target": "no-such-command"},
                   "dr_event": {"start": round(self.now + 600, 3), "duration_s": 600.0,
-                               "signal": "reduction_kw", "value": 10.0}}[kind])
+                               "signal": "reduction_kw", "value": 10.0},
+                  "remote": {"round": 1, "action": "trip"},
+                  "guarantee": {"on": True},
+                  "modes": {"params": {"floor_kw": 5.0}}}.get(kind, {}))
         b.update(kw)
         return {k: v for k, v in b.items() if v is not ...}
 
@@ -441,6 +444,38 @@ def hand_written(c: Corpus, harmless: bytes, harmless_id: str) -> list[bytes]:
         ("cancel-no-target", b("cancel", target=...), "invalid"),
         ("cancel-cap-field", b("cancel", cap_kw=10), "invalid"),
         ("id-empty", b(cid=""), "invalid"), ("id-too-long", b(cid="a" * 65), "invalid"),
+        # loads: only names of this terminal's loads that may be shed
+        ("cap-load-unknown", b(loads=["no-such-load"]), "invalid"),
+        ("cap-load-one-unknown", b(loads=["chiller-1", "ghost"]), "invalid"),
+        ("cap-load-critical", b(loads=["server-room"]), "invalid"),
+        ("cap-load-twice", b(loads=["chiller-1", "chiller-1"]), "invalid"),
+        ("cap-loads-empty", b(loads=[]), "invalid"),
+        ("cap-loads-string", b(loads="chiller-1"), "invalid"),
+        ("cap-load-bad-name", b(loads=["Chiller 1"]), "invalid"),
+        ("cap-load-number", b(loads=[1]), "invalid"),
+        ("shed-load-unknown", b("shed", loads=["ghost"]), "invalid"),
+        ("shed-load-critical", b("shed", loads=["server-room"]), "invalid"),
+        # rounds: 1-8, and one with a load on this terminal (the demo uses rounds 1-6)
+        ("remote-round-empty", b("remote", round=8), "invalid"),
+        ("remote-round-7", b("remote", round=7, action="close"), "invalid"),
+        ("remote-round-0", b("remote", round=0), "invalid"),
+        ("remote-round-9", b("remote", round=9), "invalid"),
+        ("remote-round-string", b("remote", round="1"), "invalid"),
+        ("remote-action", b("remote", action="open"), "invalid"),
+        ("remote-delay-16", b("remote", alarm_delay_min=16), "invalid"),
+        ("remote-limit-256", b("remote", limit_half_hours=256), "invalid"),
+        ("remote-no-round", b("remote", round=...), "invalid"),
+        ("guarantee-on-string", b("guarantee", on="yes"), "invalid"),
+        ("guarantee-duration", b("guarantee", duration_half_hours=-1), "invalid"),
+        ("guarantee-auto", b("guarantee", auto_after_h=256), "invalid"),
+        ("modes-empty", b("modes", params={}), "invalid"),
+        ("modes-unknown-key", b("modes", params={"boost": 1}), "invalid"),
+        ("modes-floor-negative", b("modes", params={"floor_kw": -5.0}), "invalid"),
+        ("modes-floor-string", b("modes", params={"floor_kw": "high"}), "invalid"),
+        ("modes-remote-twice", b("modes", params={"remote": [
+            {"round": 1, "action": "trip", "issued_s": 0.0},
+            {"round": 1, "action": "close", "issued_s": 0.0}]}), "invalid"),
+        ("modes-params-list", b("modes", params=[1]), "invalid"),
         ("cancel-unknown", b("cancel", target="nothing-active"), "unknown_target"),
         ("cancel-refused-one", b("cancel", target="hand-good"), "unknown_target"),
     ]:
@@ -521,6 +556,7 @@ def test_bad_command_corpus_is_refused_and_actuates_nothing(
         site_kw = agent.site_kw()
         assert site_kw is not None and site_kw < HARMLESS_KW / 10
         coils_before = _coils(modbus)
+        params_before = agent.mode_params
         assert all(coils_before[:7])
 
         # the subscription to cmd is live once a probe is answered (probes are left out below)
@@ -571,6 +607,19 @@ def test_bad_command_corpus_is_refused_and_actuates_nothing(
             assert r["detail"], r
             if r["reason"] in ("malformed", "bad_signature"):
                 assert r["command_id"] is None, r
+        # and says it in words that name the fault
+        said = {"hand-cap-load-unknown": "unknown load 'no-such-load'",
+                "hand-cap-load-one-unknown": "unknown load 'ghost'",
+                "hand-cap-load-critical": "'server-room' is critical",
+                "hand-shed-load-critical": "'server-room' is critical",
+                "hand-cap-load-twice": "names a load twice",
+                "hand-remote-round-empty": "round 8 has no load",
+                "hand-modes-remote-twice": "more than one order for a round"}
+        for x in corpus:
+            if x.label in said:
+                details = [r["detail"] for r in listener.answers(
+                    lambda r, cid=x.command_id: r["command_id"] == cid)]
+                assert any(said[x.label] in d for d in details), (x.label, details)
 
         # still healthy: a valid cap (above the site's import) is accepted and executed, then
         # cancelled; the harmless cap is superseded
@@ -594,7 +643,10 @@ def test_bad_command_corpus_is_refused_and_actuates_nothing(
         assert started() == {harmless_id, "ok-final-1"}, started()
         events = list(listener.events.values())
         assert not [e for e in events if e["type"] in ("load_shed", "load_restored",
-                                                       "switch_failed")], events
+                                                       "load_adjusted", "switch_failed")
+                    or e["type"].startswith("mode_")], events
+        # no refused modes/remote/guarantee command changed a mode parameter
+        assert agent.mode_params == params_before, agent.mode_params
         # nothing else answered: only the valid commands' life cycles besides the refusals
         others = listener.answers(lambda r: r["status"] != "rejected")
         assert {r["command_id"] for r in others} == {harmless_id, "ok-final-1", "ok-cancel-1"}

@@ -150,3 +150,25 @@ def test_deferrable_loads_rotate_at_their_maximum_off_time(tmp_path: Path, site:
     finally:
         runner.stop()
         rig.close()
+
+
+def test_a_cap_sheds_only_the_loads_it_names(tmp_path: Path, site: int, broker: Broker) -> None:
+    rig = EvRig(tmp_path, site, broker)
+    runner = AgentThread(Agent(load_agent_config(rig.cfg_path))).start()
+    try:
+        wait_until(lambda: runner.agent.site_kw() is not None, 30, "a meter reading")
+        p0 = sum(rig.power_kw() for _ in range(3)) / 3
+        # 10 kW: ev-chargers (priority 10) or the water heater would be cheapest; the platform
+        # allows only the chillers, so a chiller goes
+        cid, answers = rig.command("cap", cap_kw=round(p0 - 10), duration_s=600,
+                                   loads=["chiller-2", "chiller-1"])
+        assert answers[0]["status"] == "accepted", answers
+        assert "shedding only chiller-2, chiller-1" in answers[0]["detail"]
+        wait_until(lambda: rig.event_loads("load_shed"), 10, "a shed")
+        assert rig.event_loads("load_shed") == ["chiller-1"]
+        assert rig.off_loads() == {"chiller-1"}
+        _cid, answers = rig.command("cancel", target=cid)
+        wait_until(lambda: not rig.off_loads(), 10, "chiller-1 restored")
+    finally:
+        runner.stop()
+        rig.close()
