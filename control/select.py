@@ -288,11 +288,14 @@ def _shed_nb(required_kw: float, kw: np.ndarray, cost: np.ndarray, available: np
         return _greedy_shed_real_nb(elig, kw, cost, required_kw, n), GREEDY, cells
 
     # dp[s]: least cost of a set of core loads summing to exactly s units (s < size), kept
-    # for the sums that can still reach `rest` with the loads left. take: one bit per
-    # (load, s): that load improved dp[s].
-    row = (size + 7) >> 3
-    take = np.zeros(k * row, np.uint8)
+    # for the sums that can still reach `rest` with the loads left. take: one byte per
+    # (load, s): that load improved dp[s] (k x size <= max_cells bytes). Each load's update
+    # reads the row before it from a copy, so the loop has no carried dependency and
+    # compiles to branch-free vector code (the Python twin updates in place, downwards: the
+    # same result).
+    take = np.zeros(k * size, np.uint8)
     dp = np.full(size, np.inf)
+    prev = np.empty(size, np.float64)
     dp[0] = 0.0
     reach = 0
     left = wcore
@@ -303,12 +306,17 @@ def _shed_nb(required_kw: float, kw: np.ndarray, cost: np.ndarray, available: np
         reach = min(reach + wj, size - 1)
         left -= wj
         low = max(wj, rest - left)  # a smaller sum cannot reach `rest` with the loads left
-        base = j * row
-        for s in range(reach, low - 1, -1):
-            v = dp[s - wj] + cj
-            if v < dp[s]:
-                dp[s] = v
-                take[base + (s >> 3)] |= 1 << (s & 7)
+        if reach < low:
+            continue
+        span = reach - low + 1
+        prev[:span] = dp[low - wj: low - wj + span]
+        row = take[j * size + low: j * size + low + span]
+        cur = dp[low: low + span]
+        for t in range(span):
+            v = prev[t] + cj
+            better = v < cur[t]
+            row[t] = better
+            cur[t] = v if better else cur[t]
     best = -1
     best_c = np.inf
     for s in range(rest, size):
@@ -319,7 +327,7 @@ def _shed_nb(required_kw: float, kw: np.ndarray, cost: np.ndarray, available: np
         return np.nonzero(ub_mask)[0], GREEDY, cells
     s = best
     for j in range(k - 1, -1, -1):
-        if (take[j * row + (s >> 3)] >> (s & 7)) & 1:
+        if take[j * size + s]:
             sel[core[j]] = True
             s -= w[core[j]]
     return np.nonzero(sel)[0], EXACT, cells
@@ -400,10 +408,11 @@ def _restore_nb(headroom_kw: float, kw: np.ndarray, value: np.ndarray, candidate
     if cells > max_cells:
         return _greedy_restore_real_nb(elig, kw, value, headroom_kw, zero), GREEDY, cells
 
-    # dp[s]: greatest value of a set of core loads summing to exactly s units (s < size).
-    row = (size + 7) >> 3
-    take = np.zeros(k * row, np.uint8)
+    # dp[s]: greatest value of a set of core loads summing to exactly s units (s < size);
+    # take as in _shed_nb, one byte per (load, s), each row computed from a copy.
+    take = np.zeros(k * size, np.uint8)
     dp = np.full(size, -np.inf)
+    prev = np.empty(size, np.float64)
     dp[0] = 0.0
     reach = 0
     for j in range(k):
@@ -411,19 +420,24 @@ def _restore_nb(headroom_kw: float, kw: np.ndarray, value: np.ndarray, candidate
         wj = w[i]
         vj = value[i]
         reach = min(reach + wj, size - 1)
-        base = j * row
-        for s in range(reach, wj - 1, -1):
-            v = dp[s - wj] + vj
-            if v > dp[s]:
-                dp[s] = v
-                take[base + (s >> 3)] |= 1 << (s & 7)
+        if reach < wj:
+            continue
+        span = reach - wj + 1
+        prev[:span] = dp[0: span]
+        row = take[j * size + wj: j * size + wj + span]
+        cur = dp[wj: wj + span]
+        for t in range(span):
+            v = prev[t] + vj
+            better = v > cur[t]
+            row[t] = better
+            cur[t] = v if better else cur[t]
     best = 0
     for s in range(1, size):
         if dp[s] > dp[best]:
             best = s
     s = best
     for j in range(k - 1, -1, -1):
-        if (take[j * row + (s >> 3)] >> (s & 7)) & 1:
+        if take[j * size + s]:
             sel[core[j]] = True
             s -= w[core[j]]
     return np.nonzero(sel)[0], EXACT, cells
