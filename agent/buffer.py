@@ -378,6 +378,16 @@ class Buffer:
         with self.db.atomic():
             self.db.execute("DELETE FROM shed_loads WHERE load = ?", [load])
 
+    def set_shed_many(self, loads: list[str], command_id: str | None, since: float) -> None:
+        """:meth:`set_shed` for several loads in one transaction (one fsync)."""
+        with self.db.atomic():
+            self.db.conn.executemany("INSERT OR REPLACE INTO shed_loads(load, command_id, since) "
+                                "VALUES (?, ?, ?)", [(ld, command_id, since) for ld in loads])
+
+    def clear_shed_many(self, loads: list[str]) -> None:
+        with self.db.atomic():
+            self.db.conn.executemany("DELETE FROM shed_loads WHERE load = ?", [(ld,) for ld in loads])
+
     def shed_loads(self) -> dict[str, str | None]:
         """Load name -> id of the command that shed it."""
         return {r[0]: r[1] for r in

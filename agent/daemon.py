@@ -392,29 +392,64 @@ class Agent:
     # -- control ------------------------------------------------------------------------------
     async def _switch(self, idx: int, on: bool, site_kw: float | None, reason: str,
                       command_id: str | None) -> bool:
-        ld = self.cfg.loads[idx]
-        st = self.load_states[idx]
-        if not on:
+        return (await self._switch_many([(idx, on, reason)], site_kw, command_id))[0]
+
+    async def _switch_many(self, items: list[tuple[int, bool, str]], site_kw: float | None,
+                           command_id: str | None) -> list[bool]:
+        """Switch on/off loads ``(index, on, reason)``: per device one write per run of adjacent
+        coils and one read-back (devices side by side), the buffer updated in one transaction
+        each for the shed records and the events. True for each load that took."""
+        if not items:
+            return []
+        offs = [self.cfg.loads[i].name for i, on, _ in items if not on]
+        if offs:
             # Recorded before the write: if it takes effect but the answer is lost, the load
             # is still restored later (and after a restart).
-            st.shed_by_us = True
-            self.buffer.set_shed(ld.name, command_id, self.clock())
-        try:
-            await self.devices[ld.device].write_coil(ld.point, on)
-        except Exception as exc:  # a failed switch must never stop the cycle
-            self._write_failed(idx, "on" if on else "off", exc, command_id, on=on)
-            return False
-        st.is_on = on
-        st.last_switch_s = self.mono()
-        if on:
-            st.shed_by_us = False
-            self.buffer.clear_shed(ld.name)
-        log.info("%s %s: %s", "restored" if on else "shed", ld.name, reason)
-        self.event("load_restored" if on else "load_shed", load=ld.name, device=ld.device,
-                   point=ld.point, rated_kw=ld.rated_kw,
-                   site_kw=None if site_kw is None else round(site_kw, 3),
-                   reason=reason, command_id=command_id)
-        return True
+            for i, on, _ in items:
+                if not on:
+                    self.load_states[i].shed_by_us = True
+            self.buffer.set_shed_many(offs, command_id, self.clock())
+        by_device: dict[str, dict[str, bool]] = {}
+        for i, on, _ in items:
+            ld = self.cfg.loads[i]
+            by_device.setdefault(ld.device, {})[ld.point] = on
+
+        async def write(device: str, values: dict[str, bool]) -> dict[str, Exception | None]:
+            try:
+                return await self.devices[device].write_coils(values)
+            except Exception as exc:  # a failed switch must never stop the cycle
+                return dict.fromkeys(values, exc)
+
+        answers = await asyncio.gather(*(write(d, v) for d, v in by_device.items()))
+        errors = dict(zip(by_device, answers, strict=True))
+        done: list[bool] = []
+        events: list[dict[str, Any]] = []
+        back: list[str] = []
+        now, ts = self.mono(), self.clock()
+        for i, on, reason in items:
+            ld, st = self.cfg.loads[i], self.load_states[i]
+            exc = errors[ld.device][ld.point]
+            if exc is not None:
+                self._write_failed(i, "on" if on else "off", exc, command_id, on=on)
+                done.append(False)
+                continue
+            st.is_on = on
+            st.last_switch_s = now
+            if on:
+                st.shed_by_us = False
+                back.append(ld.name)
+            log.info("%s %s: %s", "restored" if on else "shed", ld.name, reason)
+            events.append({"ts": ts, "type": "load_restored" if on else "load_shed",
+                           "data": {"load": ld.name, "device": ld.device, "point": ld.point,
+                                    "rated_kw": ld.rated_kw,
+                                    "site_kw": None if site_kw is None else round(site_kw, 3),
+                                    "reason": reason, "command_id": command_id}})
+            done.append(True)
+        if back:
+            self.buffer.clear_shed_many(back)
+        if events:
+            self._append("events", events)
+        return done
 
     def _write_failed(self, idx: int, what: str, exc: Exception, command_id: str | None,
                       **data: Any) -> None:
@@ -470,22 +505,28 @@ class Agent:
 
     async def _apply(self, dec: Decision, site: float | None, owner: str | None,
                      restore_only: bool = False, suffix: str = "") -> list[str]:
-        """Carry out a decision's steps in order; the names of the loads shed or lowered.
-        ``restore_only``: only what brings load back (a recovering DR event)."""
+        """Carry out a decision's steps in order (the sheds together, then the setpoints, then
+        the restores together); the names of the loads shed or lowered. ``restore_only``:
+        only what brings load back (a recovering DR event)."""
+        steps = dec.steps()
         done = []
-        for idx, kind, pct, why in dec.steps():
-            if kind == "set":
-                assert pct is not None
-                lower = pct < self.load_states[idx].setpoint_pct
-                if restore_only and lower:
-                    continue
-                if await self._set(idx, pct, site, why + suffix, owner) and lower:
-                    done.append(self.cfg.loads[idx].name)
-            elif kind == "shed" and not restore_only:
-                if await self._switch(idx, False, site, why + suffix, owner):
-                    done.append(self.cfg.loads[idx].name)
-            elif kind == "restore":
-                await self._switch(idx, True, site, why + suffix, owner)
+        sheds = [(i, False, why + suffix) for i, kind, _, why in steps if kind == "shed"]
+        if sheds and not restore_only:
+            for (i, _, _), ok in zip(sheds, await self._switch_many(sheds, site, owner),
+                                     strict=True):
+                if ok:
+                    done.append(self.cfg.loads[i].name)
+        for idx, kind, pct, why in steps:
+            if kind != "set":
+                continue
+            assert pct is not None
+            lower = pct < self.load_states[idx].setpoint_pct
+            if restore_only and lower:
+                continue
+            if await self._set(idx, pct, site, why + suffix, owner) and lower:
+                done.append(self.cfg.loads[idx].name)
+        restores = [(i, True, why + suffix) for i, kind, _, why in steps if kind == "restore"]
+        await self._switch_many(restores, site, owner)
         return done
 
     async def _rewrite_setpoints(self, owner: str | None) -> None:
@@ -506,7 +547,8 @@ class Agent:
         cycles. A stopping agent restores everything at once."""
         view = self._cap_view()
         dec = decide_release(self.load_specs, view)
-        step, done = self.cfg.control.restore_step_kw, 0.0
+        step, planned = self.cfg.control.restore_step_kw, 0.0
+        restores: list[tuple[int, bool, str]] = []
         for idx, kind, pct, _why in dec.steps():
             ld, st = self.cfg.loads[idx], view[idx]
             if kind == "set":
@@ -514,15 +556,15 @@ class Agent:
                 kw = (pct - st.setpoint_pct) * ld.rated_kw / 100.0
             else:
                 kw = ld.rated_kw
-            if staggered and done > 0 and done + kw > step:
+            if staggered and planned > 0 and planned + kw > step:
                 break
+            planned += kw
             if kind == "set":
                 assert pct is not None
-                ok = await self._set(idx, pct, site, f"back to {pct:.1f} %: {why}", command_id)
+                await self._set(idx, pct, site, f"back to {pct:.1f} %: {why}", command_id)
             else:
-                ok = await self._switch(idx, True, site, f"restore {ld.name}: {why}", command_id)
-            if ok:
-                done += kw
+                restores.append((idx, True, f"restore {ld.name}: {why}"))
+        await self._switch_many(restores, site, command_id)
         return not any(st.shed_by_us for st in self._cap_view())
 
     def _dr_step(self, site: float | None) -> Target | None:
@@ -695,14 +737,16 @@ class Agent:
         if self._mode_held - held:
             self._mode_freed = True  # released loads are restored by the staggered release
         self._mode_held = held
+        trips: list[tuple[int, bool, str]] = []
         for idx in sorted(held):
             st, ld = self.load_states[idx], self.cfg.loads[idx]
             if st.is_on and st.available:
-                await self._switch(idx, False, site, f"round {ld.round} tripped by the terminal "
-                                   "control modes", MODES_OWNER)
+                trips.append((idx, False, f"round {ld.round} tripped by the terminal control "
+                                          "modes"))
             elif not st.shed_by_us:  # already off: ours to restore once the round is released
                 st.shed_by_us = True
                 self.buffer.set_shed(ld.name, MODES_OWNER, self.clock())
+        await self._switch_many(trips, site, MODES_OWNER)
 
     def _finish(self, act: ActiveControl, status: str, detail: str, site: float | None) -> None:
         self.result(act.command_id, status, detail=detail, cap_kw=act.cap_kw)

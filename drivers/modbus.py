@@ -340,6 +340,53 @@ class ModbusDevice:
             if bool(got) != value:
                 raise VerificationError(self.name, f"{point_name} written {value}, reads {got}")
 
+    async def write_coils(self, values: dict[str, bool], verify: bool = True
+                          ) -> dict[str, Exception | None]:
+        """Write several coils: one request per run of adjacent addresses (function 15, or 05
+        for a run of one), then, with ``verify``, one read-back of them all. Returns each
+        point's error, None where the write took. A run whose request fails fails alone."""
+        points: dict[str, Point] = {}
+        for name in values:
+            point = self.profile.point(name)
+            if point.table is not Table.COIL or not point.writable or point.address is None:
+                raise ValueError(f"{self.name}: point {name!r} is not a writable coil")
+            points[name] = point
+        order = sorted(values, key=lambda n: points[n].address or 0)
+        runs: list[list[str]] = []
+        for name in order:
+            if runs and points[name].address == (points[runs[-1][-1]].address or 0) + 1:
+                runs[-1].append(name)
+            else:
+                runs.append([name])
+        errors: dict[str, Exception] = {}
+        dev = self.device_id
+        for run in runs:
+            address = points[run[0]].address or 0
+            bits = [bool(values[n]) for n in run]
+            try:
+                if len(bits) == 1:
+                    await self.bus.call(self.name, 5, lambda c, a=address, b=bits[0]:
+                                        c.write_coil(a, b, device_id=dev))
+                else:
+                    await self.bus.call(self.name, 15, lambda c, a=address, b=bits:
+                                        c.write_coils(a, b, device_id=dev))
+            except Exception as exc:  # reported per point; the other runs go on
+                for n in run:
+                    errors[n] = exc
+        written = [n for n in order if n not in errors]
+        if verify and written:
+            try:
+                got = await self.read_points(written, partial=True)
+            except Exception as exc:  # written, but not confirmed
+                got = {}
+                for n in written:
+                    errors[n] = exc
+            for n in written:
+                if n not in errors and (got.get(n) is None or bool(got[n]) != bool(values[n])):
+                    errors[n] = VerificationError(self.name, f"{n} written {bool(values[n])}, "
+                                                  f"reads {got.get(n)}")
+        return {n: errors.get(n) for n in values}
+
     async def write_point(self, point_name: str, value: float | bool, verify: bool = True) -> None:
         """Write a writable point (a coil, or holding registers: function 16); with ``verify``,
         read it back and raise VerificationError if the device holds another value."""

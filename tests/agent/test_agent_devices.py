@@ -190,13 +190,13 @@ def test_an_unexpected_error_while_switching_does_not_stop_the_cycle(
     cfg_path, key = write_agent_config(tmp_path, site, broker.port)
     agent = Agent(load_agent_config(cfg_path))
     relays = agent.devices["relays"]
-    write_coil = relays.write_coil
+    write_coils = relays.write_coils
 
-    async def buggy(point: str, on: bool, verify: bool = True) -> None:
-        if point == "relay_4":  # ev-chargers, priority 10: shed first
+    async def buggy(values: dict[str, bool], verify: bool = True) -> dict:
+        if "relay_4" in values:  # ev-chargers, priority 10: shed first
             raise RuntimeError("driver bug")
-        await write_coil(point, on, verify)
-    relays.write_coil = buggy
+        return await write_coils(values, verify)
+    relays.write_coils = buggy
     streams = Streams(broker, "demo-0001")
     runner = AgentThread(agent).start()
     try:

@@ -65,6 +65,57 @@ def test_verified_coil_write_switches_the_load() -> None:
     with_site(body)
 
 
+def test_write_coils_one_request_per_run_and_one_read_back() -> None:
+    async def body(site: SimulatedSite, bus: ModbusTcpBus) -> None:
+        relays = ModbusDevice("relays", bus, 2, load_profile("generic-relay-8"))
+        before = bus.transactions
+        # relay_1..relay_3 adjacent: one write (function 15); relay_5 alone: one write (05);
+        # then the read-back of all four, in the blocks the profile allows (max_gap 0: two)
+        got = await relays.write_coils({"relay_3": False, "relay_1": False, "relay_2": False,
+                                        "relay_5": False})
+        assert got == dict.fromkeys(("relay_3", "relay_1", "relay_2", "relay_5"))
+        assert bus.transactions - before == 4
+        on = site.loads_on()
+        assert [on[n] for n in ("chiller-1", "chiller-2", "air-compressor", "ev-chargers",
+                                "water-heater")] == [False, False, False, True, False]
+        assert [w.point for w in site.coil_writes["relays"][-4:]] == [
+            "relay_1", "relay_2", "relay_3", "relay_5"]
+        await relays.write_coils(dict.fromkeys(("relay_1", "relay_2", "relay_3", "relay_5"), True))
+        assert all(site.loads_on().values())
+        before = bus.transactions
+        await relays.write_coils(dict.fromkeys(("relay_6", "relay_7", "relay_8"), False))
+        assert bus.transactions - before == 2  # one write, one read
+        await relays.write_coils(dict.fromkeys(("relay_6", "relay_7", "relay_8"), True))
+        meter = ModbusDevice("main-meter", bus, 1, load_profile("eastron-sdm630"))
+        with pytest.raises(ValueError, match="not a writable coil"):
+            await meter.write_coils({"power_w": True})
+
+    with_site(body)
+
+
+def test_write_coils_reports_each_point() -> None:
+    async def body(site: SimulatedSite, bus: ModbusTcpBus) -> None:
+        relays = ModbusDevice("relays", bus, 2, load_profile("generic-relay-8"))
+        original = relays.read_points
+
+        async def stuck(names: Any = None, **kw: Any) -> dict[str, Any]:  # relay_2 sticks on
+            got = await original(names, **kw)
+            return {k: (True if k == "relay_2" else v) for k, v in got.items()}
+        relays.read_points = stuck  # type: ignore[method-assign]
+        got = await relays.write_coils({"relay_1": False, "relay_2": False})
+        assert got["relay_1"] is None
+        assert isinstance(got["relay_2"], VerificationError)
+        assert "relay_2 written False, reads True" in str(got["relay_2"])
+
+        # a module that does not answer: every point fails with the bus's error, none raises
+        dead = ModbusDevice("relays", ModbusTcpBus("127.0.0.1", free_port(), timeout_s=0.2), 2,
+                            load_profile("generic-relay-8"))
+        got = await dead.write_coils({"relay_1": False, "relay_4": False})
+        assert all(isinstance(e, DeviceUnavailable) for e in got.values()), got
+        dead.bus.close()
+
+    with_site(body)
+
 def test_read_back_mismatch_raises_verification_error() -> None:
     async def body(site: SimulatedSite, bus: ModbusTcpBus) -> None:
         relays = ModbusDevice("relays", bus, 2, load_profile("generic-relay-8"))
