@@ -289,7 +289,10 @@ def _view(now_s: float, loads: Sequence[LoadSpec], states: Sequence[LoadState],
     up = np.where(adjustable, np.maximum(back_to - setpoint, 0.0), 100.0)
     restore_kw = rated * up / 100.0
     restorable = shed_by_us & (since >= min_off) & np.where(adjustable, up > 0.0, ~is_on)
-    overdue = shed_by_us & ~is_on & ~adjustable & np.isfinite(max_off) & (since >= max_off)
+    # (a load whose relay is failing is not rotated: its restore would fail and the
+    # replacement be shed again every cycle)
+    overdue = (shed_by_us & ~is_on & ~adjustable & available & np.isfinite(max_off)
+               & (since >= max_off))
     return _View(rated, priority.astype(np.float64), adjustable, shed_kw, sheddable,
                  restore_kw, restorable, overdue, since)
 

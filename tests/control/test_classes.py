@@ -142,6 +142,17 @@ def test_rotation_without_a_replacement_still_restores() -> None:
     assert "no other load can take its place" in dec.reasons[-1]
 
 
+def test_a_failing_load_is_not_rotated() -> None:
+    a = LoadSpec("boiler-a", 10.0, 1, kind="deferrable", max_off_s=60.0)
+    b = LoadSpec("boiler-b", 10.0, 2, kind="deferrable", max_off_s=60.0)
+    p = plant(85.0, a, b)
+    p.run([(0, 85.0, ["-boiler-a"], 95.0)])
+    p.states[0].available = False  # its relay failed: no swap that could not finish
+    p.run([(60, 85.0, [], 95.0)])
+    p.states[0].available = True
+    p.run([(61, 85.0, ["-boiler-b", "+boiler-a"], 95.0)])
+
+
 def test_rotation_needs_no_replacement_when_there_is_room() -> None:
     a = LoadSpec("boiler", 10.0, 1, kind="deferrable", max_off_s=60.0)
     b = LoadSpec("pump", 10.0, 2)
