@@ -38,7 +38,14 @@ from lmt.control import (
     modes,
     warmup,
 )
-from lmt.control.dr import DrEvent, DrScheduler, Target, Transition, baseline_before
+from lmt.control.dr import (
+    DrEvent,
+    DrScheduler,
+    Target,
+    Transition,
+    baseline_before,
+    delivered_reduction_kw,
+)
 from lmt.drivers.errors import DriverError
 
 from . import lmt_version
@@ -134,6 +141,10 @@ class Agent:
         self.dr = self._load_dr()
         self._dr_saved = json.dumps(self.dr.to_dict(), sort_keys=True)
         self._meter_ring: deque[tuple[float, float]] = deque()
+        # what each active DR event has metered so far (persisted: a restart keeps counting)
+        self._delivery: dict[str, dict[str, Any]] = dict(self.buffer.load_mode("dr_delivery")
+                                                         or {})
+        self._delivery_saved = 0.0
         self.dr_target: Target | None = None
         self._dr_owner: str | None = None
         # Terminal control modes: params (signed commands) and state, both in the buffer;
@@ -224,10 +235,91 @@ class Agent:
                                   "reason": reason, "detail": detail, "data": data}])
 
     def report_dr(self, transitions: list[Transition]) -> None:
-        """Each DR state change is a result under the event's id; then persist the state."""
+        """Each DR state change is a result under the event's id; then persist the state. The
+        end of an event that was active carries what it delivered (``delivery``)."""
         for tr in transitions:
-            self.result(tr.event_id, tr.state, detail=tr.detail, at=tr.at, **tr.data)
+            data = dict(tr.data)
+            if tr.state == "active":
+                self._delivery_start(tr.event_id, tr.at)
+            elif tr.event_id in self._delivery:
+                got = self._delivery_end(tr.event_id, tr.at, data.get("baseline_kw"))
+                if got is not None and data.get("was_active"):
+                    data["delivery"] = got
+            self.result(tr.event_id, tr.state, detail=tr.detail, at=tr.at, **data)
         self._save_dr()
+
+    # -- DR delivery: metered energy over the active window against the baseline -------------
+    def _energy_now(self) -> float | None:
+        """The main meter's import energy register (kWh), if it has one and it was read."""
+        if self._energy_point is None:
+            return None
+        got = self.latest.get(self.cfg.control.main_meter)
+        value = got[1].get(self._energy_point) if got is not None else None
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            return None
+        return float(value)
+
+    def _delivery_start(self, event_id: str, at: float) -> None:
+        kw = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
+        self._delivery[event_id] = {"start": at, "start_kwh": self._energy_now(), "kwh": 0.0,
+                                    "covered_s": 0.0,
+                                    "last": None if kw is None else [max(at, self.clock()), kw]}
+        self.buffer.save_mode("dr_delivery", self._delivery, self.clock())
+
+    def _delivery_sample(self, site: float | None) -> None:
+        """Integrate the main-meter power over each active event (trapezoids; a gap longer
+        than three poll cycles is not bridged, and counts as not covered)."""
+        if not self._delivery or site is None:
+            return
+        now = self.clock()
+        gap = max(5.0, 3 * self.cfg.poll.interval_s)
+        for event_id, acc in self._delivery.items():
+            try:
+                end = self.dr.window(event_id)[1]
+            except KeyError:
+                end = now
+            last = acc["last"]
+            if last is not None and 0 < now - last[0] <= gap and last[0] < end:
+                dt = min(now, end) - last[0]  # not past the window's end
+                acc["kwh"] += (last[1] + site) / 2 * dt / 3600.0
+                acc["covered_s"] += dt
+            acc["last"] = [now, site]
+            if acc["start_kwh"] is None:  # no register reading at the start: none to trust
+                acc["start_kwh"] = False
+        if now - self._delivery_saved >= 60.0:
+            self.buffer.save_mode("dr_delivery", self._delivery, now)
+            self._delivery_saved = now
+
+    def _delivery_end(self, event_id: str, at: float, baseline_kw: float | None
+                      ) -> dict[str, Any] | None:
+        acc = self._delivery.pop(event_id)
+        self.buffer.save_mode("dr_delivery", self._delivery, self.clock())
+        duration = at - acc["start"]
+        if duration <= 0 or baseline_kw is None:
+            return None
+        # The power samples (every cycle) unless they cover under 90 % of the window (the
+        # agent was down): then the import register's difference, when it was read at both
+        # ends (it is polled less often, so it is the coarser measure of a short event).
+        end_kwh = self._energy_now()
+        register = (end_kwh - acc["start_kwh"] if isinstance(acc["start_kwh"], float)
+                    and end_kwh is not None else None)
+        coverage = min(1.0, acc["covered_s"] / duration)
+        if coverage >= 0.9 or (register is None and coverage > 0):
+            metered, method = acc["kwh"] / coverage, "power samples"
+        elif register is not None:
+            metered, method = register, "energy register"
+        else:
+            return None
+        baseline_kwh = baseline_kw * duration / 3600.0
+        return {"start": round(acc["start"], 3), "end": round(at, 3),
+                "register_kwh": None if register is None else round(register, 4),
+                "duration_s": round(duration, 3), "baseline_kw": round(baseline_kw, 3),
+                "baseline_kwh": round(baseline_kwh, 4), "metered_kwh": round(metered, 4),
+                "mean_kw": round(metered / (duration / 3600.0), 3),
+                "delivered_reduction_kw": round(
+                    delivered_reduction_kw(baseline_kwh, metered, duration), 3),
+                "method": method, "coverage": round(coverage, 3)}
 
     def _save_dr(self) -> None:
         state = self.dr.to_dict()
@@ -588,6 +680,7 @@ class Agent:
         times = [t for t, _ in self._meter_ring]
         kws = [p for _, p in self._meter_ring]
         transitions, target = self.dr.tick(now, baseline_before(times, kws, now, window))
+        self._delivery_sample(site)
         self.report_dr(transitions)
         return target
 
