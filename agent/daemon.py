@@ -596,10 +596,12 @@ class Agent:
         return True
 
     async def _apply(self, dec: Decision, site: float | None, owner: str | None,
-                     restore_only: bool = False, suffix: str = "") -> list[str]:
+                     restore_only: bool = False, suffix: str = "",
+                     shed_only: bool = False) -> list[str]:
         """Carry out a decision's steps in order (the sheds together, then the setpoints, then
         the restores together); the names of the loads shed or lowered. ``restore_only``:
-        only what brings load back (a recovering DR event)."""
+        only what brings load back (a recovering DR event); ``shed_only``: only what takes
+        load off (a DR cap still ramping down)."""
         steps = dec.steps()
         done = []
         sheds = [(i, False, why + suffix) for i, kind, _, why in steps if kind == "shed"]
@@ -613,11 +615,12 @@ class Agent:
                 continue
             assert pct is not None
             lower = pct < self.load_states[idx].setpoint_pct
-            if restore_only and lower:
+            if (restore_only and lower) or (shed_only and not lower):
                 continue
             if await self._set(idx, pct, site, why + suffix, owner) and lower:
                 done.append(self.cfg.loads[idx].name)
-        restores = [(i, True, why + suffix) for i, kind, _, why in steps if kind == "restore"]
+        restores = [(i, True, why + suffix) for i, kind, _, why in steps
+                    if kind == "restore" and not shed_only]
         await self._switch_many(restores, site, owner)
         return done
 
@@ -728,7 +731,22 @@ class Agent:
             view = [st if i in act.loads else replace(st, available=False)
                     for i, st in enumerate(view)]
         dec = decide_cap(site, now, self.load_specs, view, params)
-        done = await self._apply(dec, site, owner)
+        shed_only = restore_only = False
+        if dr is not None and owner == dr.event_id and dr.ramping:
+            shed_only = True  # the cap falls on: restoring now would only flap
+        elif dr is not None and dr.recovering and dr.restore_ceiling_kw is not None \
+                and not dec.shed and not any(pct < view[i].setpoint_pct
+                                             for i, pct in dec.setpoints):
+            # a command caps the site while a DR event recovers: loads come back under the
+            # lower of the command's cap and the event's rising ceiling
+            limit = min(cap - params.margin_kw, dr.restore_ceiling_kw)
+            params = replace(params, cap_kw=limit, margin_kw=0.0,
+                             hysteresis_kw=params.hysteresis_kw
+                             if limit == cap - self.cfg.control.margin_kw else 0.0)
+            dec = decide_cap(site, now, self.load_specs, view, params)
+            restore_only = True
+        done = await self._apply(dec, site, owner, restore_only=restore_only,
+                                 shed_only=shed_only)
         await self._rewrite_setpoints(owner)
         if act is not None and not act.executed:
             act.executed = True

@@ -161,7 +161,9 @@ class Transition:
 class Target:
     """What the control layer should do now for demand response.
 
-    Active event: keep site import ≤ ``cap_kw`` (interpolated during the ramp).
+    Active event: keep site import ≤ ``cap_kw`` (interpolated during the ramp; ``ramping``
+    while it still falls: a load shed then is not restored into the headroom of a cap that is
+    about to be lower).
     Recovery (``recovering``): shed nothing; restore a shed load only when site import plus
     its rated power stays ≤ ``restore_ceiling_kw``, which rises by ``restore_kw_per_s`` from
     the last cap to the baseline over the event's ``recovery_s``. No target (``None`` from
@@ -175,6 +177,7 @@ class Target:
     restore_kw_per_s: float | None = None
     baseline_kw: float | None = None
     until: float = 0.0  # end of the active window, or of the recovery
+    ramping: bool = False  # the cap is still falling (the ramp): shed, but restore nothing
 
 
 def start_offset(terminal_id: str, event_id: str, randomize_s: float) -> float:
@@ -521,7 +524,11 @@ class DrScheduler:
             rec = max(active, key=lambda r: r.rank)
             cap = self._cap_at(rec, now)
             if cap is not None:
-                return Target(rec.event.id, cap, baseline_kw=rec.baseline_kw, until=rec.eff_end)
+                full = self._full_cap(rec)
+                ramping = (full is not None and cap > full
+                           and now < rec.eff_start + rec.event.ramp_s)
+                return Target(rec.event.id, cap, baseline_kw=rec.baseline_kw, until=rec.eff_end,
+                              ramping=ramping)
         recovering = [r for r in self._records.values()
                       if r.recovery and r.ended_at is not None and r.end_cap_kw is not None
                       and r.baseline_kw is not None and r.baseline_kw > r.end_cap_kw

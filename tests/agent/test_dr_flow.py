@@ -284,6 +284,10 @@ def test_ramp_steps_the_limit_in(tmp_path: Path, site: int, broker: Broker) -> N
         wait_until(lambda: rig.events_by("load_restored", command_id=eid), 5, "the restores")
         shed = rig.shed_by(eid)  # published before the restores (one stream, in order)
         assert shed
+        # nothing comes back while the cap still falls (it would only be shed again)
+        early = [e for e in rig.events_by("load_restored", command_id=eid)
+                 if e["ts"] < start + ramp_s]
+        assert not early, early
 
         def cap_at(t: float) -> float:
             return baseline + (full - baseline) * min(1.0, max(0.0, (t - start) / ramp_s))
@@ -344,6 +348,45 @@ def test_lower_dr_cap_wins_over_a_cap_command_which_holds_after_the_event(
         runner.stop()
         rig.close()
 
+
+def test_recovery_paces_the_restores_under_a_cap_command_too(
+        tmp_path: Path, site: int, broker: Broker) -> None:
+    """A harmless cap command (above the site) runs while a DR event ends with a recovery
+    period: the loads still come back under the event's rising ceiling, not at once."""
+    rig = _fast_rig(tmp_path, site, broker)
+    runner = _start(rig)
+    try:
+        p0 = rig.power_kw()
+        cid, answers = rig.command("cap", cap_kw=float(round(p0 + 80)), duration_s=600)
+        assert answers[-1]["status"] == "accepted"
+        recovery_s = 3.0
+        eid, _start_t, _ = rig.dr_signal("cap_kw", float(round(p0 - 70)), start_in_s=0.3,
+                                      duration_s=1.5, recovery_s=recovery_s)
+        done = wait_until(lambda: rig.record(eid, "completed"), 10, "the event completed")
+        assert isinstance(done, dict)
+        end = done["data"]["at"]
+        active = rig.record(eid, "active")
+        assert active is not None
+        baseline, end_cap = active["data"]["baseline_kw"], float(round(p0 - 70))
+        wait_until(lambda: all(rig.coils()[:7]), 10, "every load back")
+
+        def restored() -> list[dict]:
+            return [e for e in rig.events_by("load_restored") if e["ts"] >= end]
+        wait_until(lambda: len(restored()) == len(rig.shed_by(eid)) + len(rig.shed_by(cid)),
+                   5, "every restore reported")
+        back = restored()
+        assert len(back) >= 2, back
+
+        def ceiling(t: float) -> float:
+            return end_cap + (baseline - end_cap) * min(1.0, (t - end) / recovery_s)
+
+        for e in back:  # site at the decision + the load: under the ceiling of that moment
+            assert e["data"]["site_kw"] + e["data"]["rated_kw"] <= ceiling(e["ts"]) + 0.5, e
+        assert back[-1]["ts"] - back[0]["ts"] >= 0.3 * recovery_s, "paced, not at once"
+        assert rig.statuses(cid)[:2] == ["accepted", "executed"]
+    finally:
+        runner.stop()
+        rig.close()
 
 def test_lower_cap_command_wins_over_an_event_which_holds_after_it(
         tmp_path: Path, site: int, broker: Broker) -> None:

@@ -152,6 +152,16 @@ def test_ramp_interpolates_from_baseline_to_full_signal() -> None:
     ])
 
 
+def test_target_says_when_the_cap_is_still_falling() -> None:
+    s = DrScheduler(TERM)
+    s.receive(ev(signal="reduction_kw", value=40.0, ramp_s=100.0), T0)
+    got = [s.tick(t, 200.0)[1] for t in (T0 + 100, T0 + 150, T0 + 199, T0 + 200, T0 + 300)]
+    assert [g.ramping for g in got if g is not None] == [True, True, True, False, False]
+    flat = DrScheduler(TERM)
+    flat.receive(ev(signal="reduction_kw", value=40.0), T0)
+    target = flat.tick(T0 + 100, 200.0)[1]
+    assert target is not None and not target.ramping
+
 def test_cap_ramp_never_tighter_than_the_cap() -> None:
     s = DrScheduler(TERM)
     s.receive(ev(value=150.0, ramp_s=100.0), T0)
