@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,14 @@ def wait_until(cond: Callable[[], object], timeout_s: float, what: str,
         time.sleep(interval_s)
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[int]:
-    """The demo site served by `lmt sim` on a free port; yields the port."""
+@contextlib.contextmanager
+def serve_site(tmp_path: Path, more_devices: Sequence[dict[str, object]] = ()) -> Iterator[int]:
+    """The demo site, with ``more_devices`` on its gateway, served by `lmt sim` on a free port;
+    yields the port."""
     port = free_port()
     cfg = tomllib.loads((EXAMPLES / "demo-site.toml").read_text())
     cfg["server"]["port"] = port
+    cfg["devices"] += list(more_devices)
     (tmp_path / "site.toml").write_text(tomli_w.dumps(cfg))
     ready = tmp_path / "sim.port"
     p = subprocess.Popen(lmt_argv("sim", str(tmp_path / "site.toml"), "--ready-file", str(ready)),
@@ -60,6 +63,13 @@ def site(tmp_path: Path) -> Iterator[int]:
     finally:
         p.terminate()
         p.wait(10)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[int]:
+    """The demo site served by `lmt sim` on a free port; yields the port."""
+    with serve_site(tmp_path) as port:
+        yield port
 
 
 class SiteThread:

@@ -14,14 +14,19 @@ import sqlite3
 import subprocess
 import threading
 import time
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
+import tomli_w
 
 from lmt.agent.broker import Broker, free_port
 from lmt.agent.buffer import Buffer
 from lmt.agent.platform import _Client
 from tests.agent.harness import write_agent_config
-from tests.conftest import lmt_argv, wait_until
+from tests.conftest import lmt_argv, serve_site, wait_until
 
 MB = 1024 * 1024
 METER = [f"point_{i}_w" for i in range(15)]
@@ -261,14 +266,30 @@ def read_db(path: Path, sql: str, args: tuple = ()) -> list[tuple]:
         con.close()
 
 
-def test_agent_outage_longer_than_the_cap(tmp_path: Path, site: int) -> None:
+#: Two more three-phase meters on the site's gateway: with three meters' readings every cycle
+#: the outage passes the cap twice in ~6 s (~14 s with the main meter alone).
+SUB_METERS = [{"name": f"sub-meter-{i}", "profile": "eastron-sdm630", "device_id": 2 + i}
+              for i in (1, 2)]
+
+
+@pytest.fixture
+def metered_site(tmp_path: Path) -> Iterator[int]:
+    """The demo site with SUB_METERS, served by `lmt sim`; yields its port."""
+    with serve_site(tmp_path, SUB_METERS) as port:
+        yield port
+
+
+def test_agent_outage_longer_than_the_cap(tmp_path: Path, metered_site: int) -> None:
     cap_mb = 1
     port = free_port()  # no broker there yet: the outage
     cfg_path, _ = write_agent_config(
-        tmp_path, site, port, poll={"interval_s": 0.1},
+        tmp_path, metered_site, port, poll={"interval_s": 0.1},
         buffer={"flush_interval_s": 0.2, "max_mb": cap_mb},
         mqtt={"reconnect_min_s": 0.2, "reconnect_max_s": 0.5},
         sync={"backlog_rate": 0})
+    cfg = tomllib.loads(cfg_path.read_text())
+    cfg["devices"] += [dict(d, host="127.0.0.1", port=metered_site) for d in SUB_METERS]
+    cfg_path.write_text(tomli_w.dumps(cfg))
     db = tmp_path / "buffer.sqlite"
     # The first part of the outage, written before the agent starts (hours at 1 Hz would
     # take too long here): readings, and events and command results never delivered.

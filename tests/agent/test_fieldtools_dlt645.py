@@ -12,6 +12,7 @@ import termios
 import threading
 import tty
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -72,15 +73,6 @@ def line() -> Iterator[str]:
     """Three DL/T 645 meters on one simulated line."""
     with serve_line(METERS) as path:
         yield path
-
-
-def test_scan_finds_every_meter_by_abbreviated_addressing(line: str) -> None:
-    res = subprocess.run(lmt_argv("scan", "--dlt645", line, "--baud", BAUD, "--timeout", SCAN_TIMEOUT,
-                                  "--json"), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    found = json.loads(res.stdout)["found"]
-    assert [f["address"] for f in found] == sorted(METERS)
-    assert {f["profile"] for f in found} == {"dlt645-2007-3phase"}
 
 
 def test_read_points_and_a_single_di(line: str) -> None:
@@ -204,35 +196,6 @@ class EchoingLine:
         os.close(self._slave)
 
 
-def test_scan_ignores_the_adapters_echo_of_its_own_request() -> None:
-    meters = ["000000000007", "123456789012"]
-    echo = EchoingLine(meters)
-    try:
-        res = subprocess.run(lmt_argv("scan", "--dlt645", echo.path, "--baud", BAUD,
-                                      "--timeout", SCAN_TIMEOUT, "--json"),
-                             capture_output=True, text=True, timeout=300)
-    finally:
-        echo.close()
-    assert res.returncode == 0, res.stderr
-    assert [f["address"] for f in json.loads(res.stdout)["found"]] == meters
-    assert echo.echoed >= 100 * 16  # every probe was echoed back
-
-
-def test_a_line_where_every_address_collides_is_noise_not_meters() -> None:
-    """Going one byte deeper under 100 colliding patterns would take 100 times as long (and so
-    on, five levels down): a line that answers everything with broken frames is reported."""
-    broken = EchoingLine([], broken=True)
-    try:
-        res = subprocess.run(lmt_argv("scan", "--dlt645", broken.path, "--baud", BAUD,
-                                      "--timeout", SCAN_TIMEOUT, "--json"),
-                             capture_output=True, text=True, timeout=120)
-    finally:
-        broken.close()
-    assert res.returncode == 1
-    assert "every address pattern AAAAAAAAAAxx got noise or a broken frame" in res.stderr
-    assert json.loads(res.stdout)["error"]["kind"] == "noise"
-
-
 def test_the_field_tools_keep_each_protocols_idle_gap() -> None:
     dlt = make_serial_line(Target(serial="/dev/ttyX", protocol="dlt645"))
     assert (dlt.baud_rate, dlt.parity) == (2400, "E")
@@ -242,3 +205,77 @@ def test_the_field_tools_keep_each_protocols_idle_gap() -> None:
     assert fast.silence_s == pytest.approx(0.02)
     rtu = make_serial_line(Target(serial="/dev/ttyX", baud=19200))
     assert rtu.silence_s == pytest.approx(modbus_rtu_silence_s(19200, 8, "N", 1))
+
+
+# -- the scans, run side by side ------------------------------------------------------------------
+# A scan waits out the answer timeout on every silent address (0.15 s x ~200 here): most of its
+# time is spent waiting. So the three scans of this module start together, each on its own
+# line, as soon as the module's first test runs, and each scan test waits for its own result
+# while the other tests of the module run.
+
+
+class Background:
+    """A command started now, its output kept in files; ``result()`` waits for it."""
+
+    def __init__(self, argv: list[str], out: Path, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._out, self._err = out.with_suffix(".out"), out.with_suffix(".err")
+        with open(self._out, "wb") as so, open(self._err, "wb") as se:
+            self.proc = subprocess.Popen(argv, stdout=so, stderr=se, stdin=subprocess.DEVNULL)
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        rc = self.proc.wait(self.timeout_s)
+        return subprocess.CompletedProcess(self.proc.args, rc, self._out.read_text(),
+                                           self._err.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Scans:
+    def __init__(self, tmp: Path, stack: contextlib.ExitStack) -> None:
+        def scan(name: str, path: str, timeout_s: float) -> Background:
+            job = Background(lmt_argv("scan", "--dlt645", path, "--baud", BAUD, "--timeout",
+                                      SCAN_TIMEOUT, "--json"), tmp / name, timeout_s)
+            stack.callback(job.stop)
+            return job
+
+        self.echo = EchoingLine(["000000000007", "123456789012"])
+        stack.callback(self.echo.close)
+        self.broken = EchoingLine([], broken=True)
+        stack.callback(self.broken.close)
+        self.meters = scan("meters", stack.enter_context(serve_line(METERS)), 300)
+        self.echoing = scan("echo", self.echo.path, 300)
+        self.noise = scan("noise", self.broken.path, 120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scans(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scans]:
+    with contextlib.ExitStack() as stack:
+        yield Scans(tmp_path_factory.mktemp("scans"), stack)
+
+
+def test_a_line_where_every_address_collides_is_noise_not_meters(scans: Scans) -> None:
+    """Going one byte deeper under 100 colliding patterns would take 100 times as long (and so
+    on, five levels down): a line that answers everything with broken frames is reported."""
+    res = scans.noise.result()
+    assert res.returncode == 1
+    assert "every address pattern AAAAAAAAAAxx got noise or a broken frame" in res.stderr
+    assert json.loads(res.stdout)["error"]["kind"] == "noise"
+
+
+def test_scan_ignores_the_adapters_echo_of_its_own_request(scans: Scans) -> None:
+    res = scans.echoing.result()
+    assert res.returncode == 0, res.stderr
+    assert [f["address"] for f in json.loads(res.stdout)["found"]] == scans.echo.meters
+    assert scans.echo.echoed >= 100 * 16  # every probe was echoed back
+
+
+def test_scan_finds_every_meter_by_abbreviated_addressing(scans: Scans) -> None:
+    res = scans.meters.result()
+    assert res.returncode == 0, res.stderr
+    found = json.loads(res.stdout)["found"]
+    assert [f["address"] for f in found] == sorted(METERS)
+    assert {f["profile"] for f in found} == {"dlt645-2007-3phase"}
