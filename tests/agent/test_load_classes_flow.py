@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from lmt.agent.broker import Broker, free_port
+from lmt.agent.broker import Broker
 from lmt.agent.daemon import Agent
 from lmt.config import load_agent_config
 from tests.agent.harness import AgentThread
 from tests.agent.test_control_flow import Rig
-from tests.conftest import EXAMPLES, lmt_argv, wait_until
+from tests.conftest import lmt_argv, serve_site, wait_until
 
 CHARGER_ID = 3
 FULL_A = 32.0
@@ -29,20 +29,9 @@ EV_KW = 3 * 230.0 * FULL_A * 0.95 / 1000  # the simulated car at full current: ~
 @pytest.fixture
 def ev_site(tmp_path: Path) -> Iterator[int]:
     """The demo site plus an Alfen charger (device id 3) on the same gateway."""
-    port = free_port()
-    cfg = tomllib.loads((EXAMPLES / "demo-site.toml").read_text())
-    cfg["server"]["port"] = port
-    cfg["devices"].append({"name": "charger", "profile": "alfen-ng9xx", "device_id": CHARGER_ID})
-    (tmp_path / "site.toml").write_text(tomli_w.dumps(cfg))
-    ready = tmp_path / "sim.port"
-    p = subprocess.Popen(lmt_argv("sim", str(tmp_path / "site.toml"), "--ready-file", str(ready)),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(ready.exists, 30, "the simulator")
+    with serve_site(tmp_path, [{"name": "charger", "profile": "alfen-ng9xx",
+                                "device_id": CHARGER_ID}]) as port:
         yield port
-    finally:
-        p.terminate()
-        p.wait(10)
 
 
 class EvRig(Rig):
