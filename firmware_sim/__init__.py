@@ -6,25 +6,35 @@ Depends on ``lmt.config``, pymodbus's server side, numpy, pyserial and the stand
 only; it is a peer of ``lmt.drivers``, never built on it.
 """
 
-from lmt.config.site import Faults
+from __future__ import annotations
 
-from .control import ControlServer
-from .dlt645 import Dlt645Line
-from .faults import FaultInjector
-from .physics import SitePhysics
-from .rtu import RtuLineServer
-from .server import CoilChange, CoilWrite, MeterRelayChange, SimulatedSite, run_site
+import importlib
+from typing import Any
 
-__all__ = [
-    "CoilChange",
-    "CoilWrite",
-    "ControlServer",
-    "Dlt645Line",
-    "FaultInjector",
-    "Faults",
-    "MeterRelayChange",
-    "RtuLineServer",
-    "SimulatedSite",
-    "SitePhysics",
-    "run_site",
-]
+from lmt.config.site import Faults as Faults
+
+# Loaded on first use (PEP 562): ``lmt sim --help`` and the agent's command line, which only
+# need the argument parser, do not pay for numpy, pymodbus's server and the simulators.
+_EXPORTS = {
+    "CoilChange": ".server",
+    "CoilWrite": ".server",
+    "ControlServer": ".control",
+    "Dlt645Line": ".dlt645",
+    "FaultInjector": ".faults",
+    "MeterRelayChange": ".server",
+    "RtuLineServer": ".rtu",
+    "SimulatedSite": ".server",
+    "SitePhysics": ".physics",
+    "run_site": ".server",
+}
+
+__all__ = sorted([*_EXPORTS, "Faults"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -15,8 +15,6 @@ from pathlib import Path
 
 from lmt.config.errors import ConfigError
 
-from .server import run_site
-
 DESCRIPTION = ("Serve a simulated site: its Modbus TCP devices on one TCP server, and each "
                "serial line of the site file — Modbus RTU or DL/T 645-2007 meters — on its own "
                "pseudo-terminal. See docs/simulator.md.")
@@ -94,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if control is not None and not 0 <= control <= 65535:
         print(f"lmt sim: --control-port must be 0-65535 (got {control})", file=sys.stderr)
         return 2
+    from .server import run_site  # the simulators: loaded only to serve a site
+
     try:
         asyncio.run(run_site(args.site, args.port, args.ready_file, control))
     except ConfigError as exc:

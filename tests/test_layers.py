@@ -49,3 +49,16 @@ def test_no_relative_import_escapes_a_package() -> None:
             for node in ast.walk(ast.parse(f.read_text())):
                 if isinstance(node, ast.ImportFrom):
                     assert node.level <= 1, f"{f}: relative import above its package"
+
+
+def test_the_command_line_parser_loads_no_simulator_or_numpy() -> None:
+    """`lmt platform …`, `lmt optout`, `lmt --help`: the parser alone must not pull in the
+    simulators (numpy, pymodbus's server): on a Pi that is a third of a second and memory."""
+    import subprocess
+
+    code = ("import sys, lmt.agent.cli as c; c.build_parser(); "
+            "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith("
+            "('lmt.firmware_sim.server', 'pymodbus.server', 'numba'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.strip()
+    assert out == "[]", out
