@@ -225,7 +225,9 @@ def control_quality(runs: int, hold_s: float, noise_kw: float) -> None:
     site_cfg["site"]["noise_kw"] = noise_kw
     site_cfg["server"]["port"] = 0
     agent_cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text())
-    relays = {ld["point"]: ld["device"] for ld in agent_cfg["loads"] if not ld.get("critical")}
+    # the loads a naive controller may open: not critical (`critical = true` or class)
+    relays = {ld["point"]: ld["device"] for ld in agent_cfg["loads"]
+              if not ld.get("critical") and ld.get("class") != "critical"}
     ids = {d["name"]: d["device_id"] for d in agent_cfg["devices"]}
     ours: list[dict[str, float]] = []
     naive: list[dict[str, float]] = []
