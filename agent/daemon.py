@@ -155,6 +155,9 @@ class Agent:
                 self.rounds.setdefault(ld.round, []).append(i)
         self.mode_params, self.mode_state = self._load_modes()
         self._mode_records: list[dict[str, Any]] = list(self.buffer.load_mode("records") or [])
+        # cap/DR switching decisions waiting for the site power two minutes later
+        self._switch_records: list[dict[str, Any]] = list(
+            self.buffer.load_mode("switch_records") or [])
         self._mode_held: set[int] = set()  # loads held off by a tripped round
         self._mode_freed = False  # a round was released: its loads come back staggered
         self._mode_out: modes.CycleOutputs | None = None
@@ -493,6 +496,8 @@ class Agent:
         each for the shed records and the events. True for each load that took."""
         if not items:
             return []
+        if site_kw is None:  # no reading this cycle (a cancel wakes it): the latest recent one
+            site_kw = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
         offs = [self.cfg.loads[i].name for i, on, _ in items if not on]
         if offs:
             # Recorded before the write: if it takes effect but the answer is lost, the load
@@ -541,7 +546,29 @@ class Agent:
             self.buffer.clear_shed_many(back)
         if events:
             self._append("events", events)
+            if command_id != MODES_OWNER:  # the modes keep their own records (mode_record)
+                self._switch_records.append({
+                    "due": ts + MODE_RECORD_AFTER_S, "command_id": command_id, "at": ts,
+                    "shed": [e["data"]["load"] for e in events if e["type"] == "load_shed"],
+                    "restored": [e["data"]["load"] for e in events
+                                 if e["type"] == "load_restored"],
+                    "site_kw": None if site_kw is None else round(site_kw, 3)})
+                self.buffer.save_mode("switch_records", self._switch_records, ts)
         return done
+
+    def _due_switch_records(self) -> None:
+        """``control_record``: a cap/DR switching decision again, with the site power two
+        minutes after it (the proof that the load stayed off, or came back)."""
+        now = self.clock()
+        due = [r for r in self._switch_records if r["due"] <= now]
+        if not due:
+            return
+        kw = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
+        for r in due:
+            self.event("control_record", **{k: v for k, v in r.items() if k != "due"},
+                       site_kw_after_2min=None if kw is None else round(kw, 3))
+        self._switch_records = [r for r in self._switch_records if r["due"] > now]
+        self.buffer.save_mode("switch_records", self._switch_records, now)
 
     def _write_failed(self, idx: int, what: str, exc: Exception, command_id: str | None,
                       **data: Any) -> None:
@@ -689,6 +716,7 @@ class Agent:
 
     async def control_step(self, fresh: set[str]) -> None:
         self._sync_load_states(fresh)
+        self._due_switch_records()
         site = self.site_kw() if self.cfg.control.main_meter in fresh else None
         await self._modes_step(site)
         dr = self.dr_target = self._dr_step(site)

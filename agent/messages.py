@@ -65,7 +65,8 @@ class Event(_Msg):
     type: str = Field(description="load_shed, load_restored, load_adjusted, switch_failed, "
                                   "device_offline, "
                                   "device_online, points_failed, points_recovered, "
-                                  "control_started, control_ended, agent_started, "
+                                  "control_started, control_ended, control_record, "
+                                  "agent_started, "
                                   "telemetry_dropped, buffer_full, optout_ignored, "
                                   "mode_<kind> (alarm, alarm_off, trip, restore, "
                                   "guarantee_on, guarantee_off, order, ignored), mode_record")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+import lmt.agent.daemon as daemon
 from lmt.agent.broker import Broker
 from lmt.agent.daemon import Agent
 from lmt.config import load_agent_config
@@ -141,7 +142,10 @@ def test_deferrable_loads_rotate_at_their_maximum_off_time(tmp_path: Path, site:
         rig.close()
 
 
-def test_a_cap_sheds_only_the_loads_it_names(tmp_path: Path, site: int, broker: Broker) -> None:
+def test_a_cap_sheds_only_the_loads_it_names(tmp_path: Path, site: int, broker: Broker,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """... and each switching decision is recorded again with the power two minutes later."""
+    monkeypatch.setattr(daemon, "MODE_RECORD_AFTER_S", 1.5)  # the two minutes, sooner
     rig = EvRig(tmp_path, site, broker)
     runner = AgentThread(Agent(load_agent_config(rig.cfg_path))).start()
     try:
@@ -156,8 +160,20 @@ def test_a_cap_sheds_only_the_loads_it_names(tmp_path: Path, site: int, broker: 
         wait_until(lambda: rig.event_loads("load_shed"), 10, "a shed")
         assert rig.event_loads("load_shed") == ["chiller-1"]
         assert rig.off_loads() == {"chiller-1"}
+
+        def records() -> list[dict]:
+            rig.pump()
+            return [e["data"] for e in rig.events if e["type"] == "control_record"]
+        rec = wait_until(records, 10, "the shed's record")
+        assert isinstance(rec, list)
+        assert rec[0]["command_id"] == cid and rec[0]["shed"] == ["chiller-1"]
+        assert rec[0]["restored"] == [] and rec[0]["site_kw"] > p0 - 10
+        assert rec[0]["site_kw_after_2min"] < rec[0]["site_kw"] - 20  # the chiller stayed off
         _cid, answers = rig.command("cancel", target=cid)
         wait_until(lambda: not rig.off_loads(), 10, "chiller-1 restored")
+        back = wait_until(lambda: records()[1:], 10, "the restore's record")
+        assert isinstance(back, list) and back[0]["restored"] == ["chiller-1"]
+        assert back[0]["site_kw_after_2min"] > back[0]["site_kw"] + 20
     finally:
         runner.stop()
         rig.close()
