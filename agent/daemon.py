@@ -89,6 +89,12 @@ class AgentFailed(RuntimeError):
 SWITCH_RETRY_S = 30.0  # a load whose relay failed is left out of shedding this long
 MODE_RECORD_AFTER_S = 120.0  # a mode decision's record adds the site power this much later
 MODES_OWNER = "modes"  # command_id of the loads the terminal control modes switch
+# A setpoint read back within this many % of a value is that value (a float32 register keeps
+# ~7 digits); wider, a small step down would read as "back where it was" and lose the hold.
+SETPOINT_TOL_PCT = 0.01
+# DR delivery: the import register's difference is used only over a window at least this
+# long (it is a slow point, read every poll.slow_interval_s) and only when the end was seen live
+REGISTER_MIN_WINDOW_S = 900.0
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -132,8 +138,11 @@ class Agent:
         self._restore_pcts: dict[str, float] = dict(self.buffer.load_mode("restore_pct") or {})
         for ld, st in zip(cfg.loads, self.load_states, strict=True):
             st.shed_by_us = ld.name in held
-            if st.shed_by_us and ld.kind == "adjustable":
-                st.restore_pct = float(self._restore_pcts.get(ld.name, 100.0))
+            if ld.kind == "adjustable":
+                st.setpoint_pct = math.nan  # unknown until read: no decision touches it
+                if st.shed_by_us:
+                    st.restore_pct = float(self._restore_pcts.get(ld.name, 100.0))
+        self._last_write: dict[int, float] = {}  # adjustable: when its setpoint was last written
         self._retry_switch: dict[int, float] = {}
         self.active: ActiveControl | None = None
         # Demand response: the scheduler (persisted in the buffer), the recent main-meter
@@ -305,8 +314,11 @@ class Agent:
         # agent was down): then the import register's difference, when it was read at both
         # ends (it is polled less often, so it is the coarser measure of a short event).
         end_kwh = self._energy_now()
+        live = self.clock() - at <= max(5.0, 3 * self.cfg.poll.interval_s)
         register = (end_kwh - acc["start_kwh"] if isinstance(acc["start_kwh"], float)
-                    and end_kwh is not None else None)
+                    and end_kwh is not None and live else None)
+        if duration < REGISTER_MIN_WINDOW_S:
+            register = None  # polled slowly: its difference over a short window says little
         coverage = min(1.0, acc["covered_s"] / duration)
         if coverage >= 0.9 or (register is None and coverage > 0):
             metered, method = acc["kwh"] / coverage, "power samples"
@@ -468,7 +480,7 @@ class Agent:
                         or not math.isfinite(value):
                     continue
                 st.setpoint_pct = float(value) / self._full_scale(i) * 100.0
-                if st.shed_by_us and st.setpoint_pct >= st.restore_pct - 0.5:
+                if st.shed_by_us and st.setpoint_pct >= st.restore_pct - SETPOINT_TOL_PCT:
                     # back where it was (by hand, or the device's own fallback): not held
                     st.shed_by_us = False
                     self.buffer.clear_shed(ld.name)
@@ -594,11 +606,12 @@ class Agent:
         before = st.setpoint_pct
         if pct < before and not st.shed_by_us:
             # Held from here on, recorded before the write (as for a shed): restored after a
-            # restart to the setpoint it had.
+            # restart to the setpoint it had (saved first: a crash between the two leaves an
+            # unused setpoint, never a hold without one).
             st.restore_pct, st.shed_by_us = before, True
-            self.buffer.set_shed(ld.name, command_id, self.clock())
             self._restore_pcts[ld.name] = round(before, 3)
             self.buffer.save_mode("restore_pct", self._restore_pcts, self.clock())
+            self.buffer.set_shed(ld.name, command_id, self.clock())
         value = round(pct / 100.0 * self._full_scale(idx), 4)
         try:
             await self.devices[ld.device].write_point(ld.point, value)
@@ -606,7 +619,9 @@ class Agent:
             self._write_failed(idx, f"to {pct:.1f} %", exc, command_id, setpoint_pct=pct)
             return False
         st.setpoint_pct = pct
-        st.last_switch_s = self.mono()
+        self._last_write[idx] = self.mono()
+        if not quiet:  # a rewrite of the same value is no switch: min on/off times run on
+            st.last_switch_s = self._last_write[idx]
         if st.shed_by_us and pct >= st.restore_pct - 1e-6:
             st.shed_by_us = False
             self.buffer.clear_shed(ld.name)
@@ -616,8 +631,10 @@ class Agent:
             return True
         log.info("%s set to %.1f %%: %s", ld.name, pct, reason)
         self.event("load_adjusted", load=ld.name, device=ld.device, point=ld.point,
-                   rated_kw=ld.rated_kw, setpoint_pct=round(pct, 2), from_pct=round(before, 2),
-                   value=value, kw_change=round((pct - before) * ld.rated_kw / 100.0, 3),
+                   rated_kw=ld.rated_kw, setpoint_pct=round(pct, 2),
+                   from_pct=round(before, 2) if math.isfinite(before) else None,
+                   value=value, kw_change=round((pct - before) * ld.rated_kw / 100.0, 3)
+                   if math.isfinite(before) else None,
                    site_kw=None if site_kw is None else round(site_kw, 3),
                    reason=reason, command_id=command_id)
         return True
@@ -630,6 +647,9 @@ class Agent:
         only what brings load back (a recovering DR event); ``shed_only``: only what takes
         load off (a DR cap still ramping down)."""
         steps = dec.steps()
+        if dec.method.startswith("rotation"):
+            # a swap is one unit: its restore is the point (max off time), its sheds make room
+            restore_only = shed_only = False
         done = []
         sheds = [(i, False, why + suffix) for i, kind, _, why in steps if kind == "shed"]
         if sheds and not restore_only:
@@ -657,7 +677,8 @@ class Agent:
         now = self.mono()
         for idx, (ld, st) in enumerate(zip(self.cfg.loads, self.load_states, strict=True)):
             if ld.rewrite_s is not None and st.shed_by_us and st.available \
-                    and now - st.last_switch_s >= ld.rewrite_s:
+                    and math.isfinite(st.setpoint_pct) \
+                    and now - self._last_write.get(idx, st.last_switch_s) >= ld.rewrite_s:
                 await self._set(idx, st.setpoint_pct, None, "rewrite", owner, quiet=True)
 
     async def _release(self, site: float | None, why: str, command_id: str | None,
@@ -676,6 +697,8 @@ class Agent:
             if kind == "set":
                 assert pct is not None
                 kw = (pct - st.setpoint_pct) * ld.rated_kw / 100.0
+                if not math.isfinite(kw):  # not read since a restart: count it whole
+                    kw = ld.rated_kw
             else:
                 kw = ld.rated_kw
             if staggered and planned > 0 and planned + kw > step:
@@ -767,10 +790,8 @@ class Agent:
                                              for i, pct in dec.setpoints):
             # a command caps the site while a DR event recovers: loads come back under the
             # lower of the command's cap and the event's rising ceiling
-            limit = min(cap - params.margin_kw, dr.restore_ceiling_kw)
-            params = replace(params, cap_kw=limit, margin_kw=0.0,
-                             hysteresis_kw=params.hysteresis_kw
-                             if limit == cap - self.cfg.control.margin_kw else 0.0)
+            limit = min(cap - params.margin_kw - params.hysteresis_kw, dr.restore_ceiling_kw)
+            params = replace(params, cap_kw=limit, margin_kw=0.0, hysteresis_kw=0.0)
             dec = decide_cap(site, now, self.load_specs, view, params)
             restore_only = True
         done = await self._apply(dec, site, owner, restore_only=restore_only,

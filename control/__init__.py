@@ -128,6 +128,7 @@ class LoadState:
     functions; ``-inf`` means never switched. An adjustable load counts as on;
     ``setpoint_pct`` is its present setpoint and ``restore_pct`` the one it had before we
     lowered it (where a restore takes it back); ``shed_by_us`` while we hold it below that.
+    A NaN ``setpoint_pct`` (not read yet) keeps an adjustable load out of every decision.
     """
 
     is_on: bool
@@ -283,12 +284,18 @@ def _view(now_s: float, loads: Sequence[LoadSpec], states: Sequence[LoadState],
     setpoint = np.array([st.setpoint_pct for st in states], dtype=np.float64)
     back_to = np.array([st.restore_pct for st in states], dtype=np.float64)
     since = now_s - last_switch
-    room = np.where(adjustable, np.maximum(setpoint - min_pct, 0.0), 100.0)
+    # an adjustable load whose setpoint is not known yet (NaN: never read) is left alone
+    known = np.isfinite(setpoint) & np.isfinite(back_to)
+    safe_sp = np.where(known, setpoint, 0.0)
+    safe_back = np.where(known, back_to, 0.0)
+    room = np.where(adjustable, np.maximum(safe_sp - min_pct, 0.0), 100.0)
     shed_kw = rated * room / 100.0
-    sheddable = controllable & available & is_on & (since >= min_on) & (room > 0.0)
-    up = np.where(adjustable, np.maximum(back_to - setpoint, 0.0), 100.0)
+    sheddable = controllable & available & is_on & (since >= min_on) & (room > 0.0) \
+        & (known | ~adjustable)
+    up = np.where(adjustable, np.maximum(safe_back - safe_sp, 0.0), 100.0)
     restore_kw = rated * up / 100.0
-    restorable = shed_by_us & (since >= min_off) & np.where(adjustable, up > 0.0, ~is_on)
+    restorable = shed_by_us & (since >= min_off) & np.where(adjustable, (up > 0.0) & known,
+                                                             ~is_on)
     # (a load whose relay is failing is not rotated: its restore would fail and the
     # replacement be shed again every cycle)
     overdue = (shed_by_us & ~is_on & ~adjustable & available & np.isfinite(max_off)
@@ -518,7 +525,7 @@ def decide_release(loads: Sequence[LoadSpec], states: Sequence[LoadState]) -> De
     actions = release_step(shed_by_us & ~adjustable, is_on)
     restore = _restore_order(loads, np.flatnonzero(actions == RESTORE).tolist())
     lowered = _restore_order(loads, [i for i in np.flatnonzero(shed_by_us & adjustable).tolist()
-                                     if states[i].setpoint_pct < states[i].restore_pct])
+                                     if not states[i].setpoint_pct >= states[i].restore_pct])
     if not restore and not lowered:
         return _EMPTY
     reasons = tuple(

@@ -69,9 +69,9 @@ BAD_WEIGHT = -3
 
 DEFAULT_RESOLUTION_KW = 0.1
 # Cells of the dynamic programme (loads left after the reduction x units of power) above
-# which the greedy method is used. Bounds time and memory: about 1 ns per cell on one
-# core of an x86 server (3 million cells: ~3 ms; a Raspberry Pi 4 is several times
-# slower), one bit per cell for the choices, 8 bytes per unit for the DP row.
+# which the greedy method is used. Bounds time and memory: about 0.5 ns per cell on one
+# core of an x86 server (3 million cells: ~1.5 ms; a Raspberry Pi 4 is several times
+# slower), one byte per cell for the choices (3 MB), 16 bytes per unit for the DP rows.
 DEFAULT_MAX_CELLS = 3_000_000
 # kW within this many units of a unit step are taken to be on it (floating-point noise).
 SNAP_UNITS = 1e-6

@@ -237,6 +237,9 @@ class ModbusDevice:
         self.last_latency_s = 0.0
         #: The blocks the last partial read (``read_points(partial=True)``) could not get.
         self.last_failures: list[PointsFailure] = []
+        #: Adjacent coils in one request (function 15); False once the device answered
+        #: "illegal function" to one: then one coil per request (function 05).
+        self.multi_coil_writes = True
 
     def plan(self, names: Iterable[str] | None = None) -> list[Block]:
         """Block reads for these points (all when None); never across a profile barrier."""
@@ -360,16 +363,28 @@ class ModbusDevice:
                 runs.append([name])
         errors: dict[str, Exception] = {}
         dev = self.device_id
+        if not self.multi_coil_writes:  # a module without function 15: one coil per request
+            runs = [[n] for n in order]
         for run in runs:
             address = points[run[0]].address or 0
             bits = [bool(values[n]) for n in run]
             try:
-                if len(bits) == 1:
-                    await self.bus.call(self.name, 5, lambda c, a=address, b=bits[0]:
-                                        c.write_coil(a, b, device_id=dev))
-                else:
-                    await self.bus.call(self.name, 15, lambda c, a=address, b=bits:
-                                        c.write_coils(a, b, device_id=dev))
+                if len(bits) > 1:
+                    try:
+                        await self.bus.call(self.name, 15, lambda c, a=address, b=bits:
+                                            c.write_coils(a, b, device_id=dev))
+                        continue
+                    except DeviceException as exc:
+                        if exc.code != 1:  # 1: illegal function; fall back to 05, remember it
+                            raise
+                        self.multi_coil_writes = False
+                for n, a, b in zip(run, range(address, address + len(bits)), bits,
+                                   strict=True):
+                    try:
+                        await self.bus.call(self.name, 5, lambda c, a=a, b=b:
+                                            c.write_coil(a, b, device_id=dev))
+                    except Exception as exc:  # this coil alone
+                        errors[n] = exc
             except Exception as exc:  # reported per point; the other runs go on
                 for n in run:
                     errors[n] = exc

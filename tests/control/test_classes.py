@@ -205,3 +205,15 @@ def test_critical_flag_and_kind_agree() -> None:
     dec = decide_cap(200.0, 0.0, [LoadSpec("x", 1.0, 1, kind="critical")],
                      [LoadState(is_on=True)], P0)
     assert dec == Decision((), (), ())
+
+
+def test_an_adjustable_load_not_read_yet_is_left_alone() -> None:
+    ev = LoadSpec("ev", 20.0, 1, kind="adjustable")
+    pump = LoadSpec("pump", 10.0, 10)
+    states = [LoadState(is_on=True, setpoint_pct=float("nan")), LoadState(is_on=True)]
+    dec = decide_cap(105.0, 0.0, [ev, pump], states, P0)
+    assert dec.shed == (1,) and not dec.setpoints  # the pump, though the charger is cheaper
+    # held from before a restart, not read since: the release still takes it back
+    states[0].shed_by_us, states[0].restore_pct = True, 80.0
+    assert decide_cap(50.0, 0.0, [ev, pump], states, P0).setpoints == ()
+    assert decide_release([ev, pump], states).setpoints == ((0, 80.0),)

@@ -93,6 +93,29 @@ def test_write_coils_one_request_per_run_and_one_read_back() -> None:
     with_site(body)
 
 
+def test_write_coils_falls_back_to_single_writes_without_function_15() -> None:
+    async def body(site: SimulatedSite, bus: ModbusTcpBus) -> None:
+        relays = ModbusDevice("relays", bus, 2, load_profile("generic-relay-8"))
+        call = bus.call
+        asked: list[int] = []
+
+        async def no_fc15(label: str, function: int, factory: Any) -> Any:
+            # a module that knows only function 05: it answers 15 with "illegal function"
+            asked.append(function)
+            if function == 15:
+                raise DeviceException(label, 15, 1)
+            return await call(label, function, factory)
+        bus.call = no_fc15  # type: ignore[method-assign]
+        got = await relays.write_coils(dict.fromkeys(("relay_1", "relay_2", "relay_3"), False))
+        assert got == dict.fromkeys(("relay_1", "relay_2", "relay_3"))
+        assert not any(site.loads_on()[n] for n in ("chiller-1", "chiller-2", "air-compressor"))
+        assert asked == [15, 5, 5, 5, 1] and not relays.multi_coil_writes
+        asked.clear()  # remembered: no more function 15 for this device
+        await relays.write_coils(dict.fromkeys(("relay_1", "relay_2", "relay_3"), True))
+        assert asked == [5, 5, 5, 1] and all(site.loads_on().values())
+
+    with_site(body)
+
 def test_write_coils_reports_each_point() -> None:
     async def body(site: SimulatedSite, bus: ModbusTcpBus) -> None:
         relays = ModbusDevice("relays", bus, 2, load_profile("generic-relay-8"))
