@@ -393,6 +393,11 @@ class Buffer:
         return {r[0]: r[1] for r in
                 self.db.execute("SELECT load, command_id FROM shed_loads").fetchall()}
 
+    def shed_since(self) -> dict[str, float]:
+        """Load name -> when (wall clock) it was shed."""
+        return {r[0]: float(r[1]) for r in
+                self.db.execute("SELECT load, since FROM shed_loads").fetchall()}
+
     # -- demand response: the scheduler's state, and the customer's opt-out requests ---------
     def save_dr_state(self, state: dict[str, Any], now: float) -> None:
         with self.db.atomic():

@@ -135,9 +135,12 @@ class Agent:
         # restored by the first control step unless a command holds them; an adjustable one
         # goes back to the setpoint it had before we lowered it.
         held = self.buffer.shed_loads()
+        since = self.buffer.shed_since()
         self._restore_pcts: dict[str, float] = dict(self.buffer.load_mode("restore_pct") or {})
         for ld, st in zip(cfg.loads, self.load_states, strict=True):
             st.shed_by_us = ld.name in held
+            if st.shed_by_us:  # off since then (wall clock, on the monotonic one): max off time
+                st.last_switch_s = self.mono() - max(0.0, self.clock() - since[ld.name])
             if ld.kind == "adjustable":
                 st.setpoint_pct = math.nan  # unknown until read: no decision touches it
                 if st.shed_by_us:

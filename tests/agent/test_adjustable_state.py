@@ -80,3 +80,19 @@ def test_a_rewrite_is_not_a_switch(agent: Agent) -> None:
         for t in agent.transports:
             t.close()
     asyncio.run(body())
+
+
+def test_a_load_held_before_a_restart_keeps_its_off_time(tmp_path: Path) -> None:
+    with serve_site(tmp_path) as port:
+        path, _key = write_agent_config(tmp_path, port, free_port())
+        first = Agent(load_agent_config(path))
+        first.buffer.set_shed("water-heater", "c1", first.clock() - 600.0)  # shed 10 min ago
+        first.buffer.close()
+        again = Agent(load_agent_config(path))
+        try:
+            i = [ld.name for ld in again.cfg.loads].index("water-heater")
+            st = again.load_states[i]
+            assert st.shed_by_us
+            assert again.mono() - st.last_switch_s == pytest.approx(600.0, abs=5.0)
+        finally:
+            again.buffer.close()
