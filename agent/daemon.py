@@ -276,7 +276,7 @@ class Agent:
         return float(value)
 
     def _delivery_start(self, event_id: str, at: float) -> None:
-        kw = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
+        kw = self.recent_site_kw()
         self._delivery[event_id] = {"start": at, "start_kwh": self._energy_now(), "kwh": 0.0,
                                     "covered_s": 0.0,
                                     "last": None if kw is None else [max(at, self.clock()), kw]}
@@ -300,8 +300,6 @@ class Agent:
                 acc["kwh"] += (last[1] + site) / 2 * dt / 3600.0
                 acc["covered_s"] += dt
             acc["last"] = [now, site]
-            if acc["start_kwh"] is None:  # no register reading at the start: none to trust
-                acc["start_kwh"] = False
         if now - self._delivery_saved >= 60.0:
             self.buffer.save_mode("dr_delivery", self._delivery, now)
             self._delivery_saved = now
@@ -474,6 +472,11 @@ class Agent:
             return None
         return float(power) * self._power_to_kw
 
+    def recent_site_kw(self) -> float | None:
+        """The main-meter power if read in the last three cycles (at least 3 s): for a decision
+        or a record made in a cycle without a fresh reading."""
+        return self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
+
     def _sync_load_states(self, fresh: set[str]) -> None:
         now = self.mono()
         for i, (ld, st) in enumerate(zip(self.cfg.loads, self.load_states, strict=True)):
@@ -512,7 +515,7 @@ class Agent:
         if not items:
             return []
         if site_kw is None:  # no reading this cycle (a cancel wakes it): the latest recent one
-            site_kw = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
+            site_kw = self.recent_site_kw()
         offs = [self.cfg.loads[i].name for i, on, _ in items if not on]
         if offs:
             # Recorded before the write: if it takes effect but the answer is lost, the load
@@ -578,7 +581,7 @@ class Agent:
         due = [r for r in self._switch_records if r["due"] <= now]
         if not due:
             return
-        kw = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
+        kw = self.recent_site_kw()
         for r in due:
             self.event("control_record", **{k: v for k, v in r.items() if k != "due"},
                        site_kw_after_2min=None if kw is None else round(kw, 3))
@@ -851,12 +854,7 @@ class Agent:
     def _mode_inputs(self, site: float | None) -> modes.CycleInputs:
         now = self.clock()
         day, minute = modes.local_time(now, self.cfg.modes.utc_offset_s)
-        energy = None
-        if self._energy_point is not None:
-            got = self.latest.get(self.cfg.control.main_meter)
-            value = got[1].get(self._energy_point) if got is not None else None
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                energy = float(value)
+        energy = self._energy_now()
         if self.link is not None and self.link.connected:
             self._contact_mono = self.mono()
         rounds = {r: sum(self.cfg.loads[i].rated_kw for i in idx) for r, idx in self.rounds.items()}
@@ -885,7 +883,7 @@ class Agent:
             self._mode_records.append({"due": now + MODE_RECORD_AFTER_S, "kind": d.kind, **data})
         due = [r for r in self._mode_records if r["due"] <= now]
         if due:
-            kw = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
+            kw = self.recent_site_kw()
             for r in due:
                 rec = {k: v for k, v in r.items() if k != "due"}
                 self.event("mode_record", **rec,
@@ -1007,7 +1005,7 @@ class Agent:
         assert isinstance(cmd, ShedCommand | CapCommand)
         allowed = self._allowed_loads(cmd.loads)
         if isinstance(cmd, ShedCommand):
-            site = self.site_kw(max_age_s=max(3.0, 3 * self.cfg.poll.interval_s))
+            site = self.recent_site_kw()
             if site is None:
                 raise Refusal("unavailable", "no recent main-meter reading to shed from")
             cap, duration = site - cmd.shed_kw, cmd.duration_s

@@ -386,11 +386,11 @@ def _decide_optimal(
         sheds, sets = _trim(loads, states, view, sel.indices, sel.slack_kw)
         if not sheds and not sets:
             return _EMPTY
-        slack = sel.slack_kw - sum(float(view.shed_kw[i]) for i in sel.indices
-                                   if view.adjustable[i]) + sum(
+        removed = sum(loads[i].rated_kw for i in sheds) + sum(
             (states[i].setpoint_pct - pct) * loads[i].rated_kw / 100.0 for i, pct in sets)
         how = (
-            f"{sel.method} selection, cost {sel.total_weight:g}, overshoot {max(slack, 0.0):.1f} kW"
+            f"{sel.method} selection, cost {sel.total_weight:g}, "
+            f"overshoot {max(removed - required, 0.0):.1f} kW"
             if sel.covered
             else f"{sel.method}: all available loads ({sel.total_kw:.1f} kW) do not cover it"
         )
