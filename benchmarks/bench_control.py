@@ -57,7 +57,7 @@ import tomli_w
 from common import emit
 
 from lmt.control import Selection, select_restore, select_shed
-from lmt.control.select import select_restore_py, select_shed_py
+from lmt.control.select_reference import select_restore_py, select_shed_py
 
 Case = tuple[float, list[float], list[float], list[bool]]
 

@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import copy
 import math
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Self, get_args, get_origin, get_type_hints
+
+from lmt.control.jsonstate import Json
 
 __all__ = [
     "ALL_ROUNDS",
@@ -83,110 +82,6 @@ MODES = ("remote", *POWER_MODES, *ENERGY_MODES)
 KINDS = ("alarm", "alarm_off", "trip", "restore", "guarantee_on", "guarantee_off", "order", "ignored")
 
 HALF_HOUR_S = 1800.0
-
-
-# --------------------------------------------------------------------------------------------
-# JSON (de)serialisation of the dataclasses below: JSON types only, strict on the way in.
-
-
-def _encode(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _encode(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, list | tuple):
-        return [_encode(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _encode(v) for k, v in value.items()}
-    return value
-
-
-def _decode(tp: Any, value: Any, where: str) -> Any:
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ValueError(f"{where}: must not be null")
-        return _decode(next(a for a in args if a is not type(None)), value, where)
-    if origin is tuple or origin is list:
-        args = get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
-            out = [_decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-            return out if origin is list else tuple(out)
-        if len(value) != len(args):
-            raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_decode(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if origin is dict:
-        key_t, val_t = get_args(tp)
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected an object, got {value!r}")
-        out_d = {}
-        for k, v in value.items():
-            key = k
-            if key_t is int and isinstance(k, str):
-                try:
-                    key = int(k)
-                except ValueError:
-                    raise ValueError(f"{where}: key {k!r} is not an integer") from None
-            out_d[_decode(key_t, key, f"{where} key")] = _decode(val_t, v, f"{where}[{k}]")
-        return out_d
-    if isinstance(tp, type) and is_dataclass(tp):
-        return _decode_dataclass(tp, value, where)
-    if tp is date:
-        if isinstance(value, str):
-            try:
-                return date.fromisoformat(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{where}: expected a date YYYY-MM-DD, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{where}: expected a string, got {value!r}")
-    raise TypeError(f"{where}: unsupported type {tp!r}")  # a bug here, not bad input
-
-
-def _decode_dataclass(cls: type, value: Any, where: str) -> Any:
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{where}: expected an object, got {value!r}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(value) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
-    kwargs = {k: _decode(hints[k], v, f"{where}.{k}") for k, v in value.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
-        raise ValueError(f"{where}: {exc}") from None
-
-
-class _Json:
-    """``to_dict`` (JSON types) and ``from_dict`` (strict: unknown fields and wrong types raise
-    ``ValueError`` naming the field; the constructor's validation runs too)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return typing.cast(dict[str, Any], _encode(self))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        return typing.cast(Self, _decode_dataclass(cls, data, cls.__name__))
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +128,7 @@ def _at(values: tuple[int, ...], rnd: int) -> int:
 
 
 @dataclass(frozen=True)
-class RemoteOrder(_Json):
+class RemoteOrder(Json):
     """The latest remote command for one round (遥控): ``action`` "trip" (跳闸) or "close"
     (允许合闸). A new order is one with a different ``issued_s``.
 
@@ -257,7 +152,7 @@ class RemoteOrder(_Json):
 
 
 @dataclass(frozen=True)
-class PowerParams(_Json):
+class PowerParams(Json):
     """Shared by the power controls. ``rounds``: the rounds under power control (功控轮次),
     tripped lowest first. ``slide_min`` 1..60: power is the mean of 1-minute means over this
     window (功率控制滑差时间). ``alarm_min[i]`` 0..60: round i+1's alarm time before a trip
@@ -277,7 +172,7 @@ class PowerParams(_Json):
 
 
 @dataclass(frozen=True)
-class EnergyParams(_Json):
+class EnergyParams(Json):
     """Shared by monthly and purchased-energy control: ``rounds`` under energy control
     (电控轮次), tripped lowest first, one every ``interval_s`` (> 0) while over."""
 
@@ -290,7 +185,7 @@ class EnergyParams(_Json):
 
 
 @dataclass(frozen=True)
-class PeriodParams(_Json):
+class PeriodParams(Json):
     """Period power control (时段功控). ``periods``: up to 8 (start_min, end_min) periods of the
     day, minutes since midnight, in order, not overlapping. ``schemes``: up to 3 tuples of one
     setpoint (kW, or None = not controlled) per period. ``scheme`` 1..3 selects one;
@@ -335,7 +230,7 @@ class PeriodParams(_Json):
 
 
 @dataclass(frozen=True)
-class RestDayParams(_Json):
+class RestDayParams(Json):
     """Rest-day control (厂休功控): ``setpoint_kw`` on ``weekdays`` (ISO: 1 = Monday .. 7 =
     Sunday) from ``start_min`` (minutes since midnight) for ``duration_half_hours``, within the
     day."""
@@ -361,7 +256,7 @@ class RestDayParams(_Json):
 
 
 @dataclass(frozen=True)
-class SuspensionParams(_Json):
+class SuspensionParams(Json):
     """Business-suspension control (营业报停控): ``setpoint_kw`` from ``start`` to ``end``
     (local dates, both included)."""
 
@@ -380,7 +275,7 @@ class SuspensionParams(_Json):
 
 
 @dataclass(frozen=True)
-class FloatDownParams(_Json):
+class FloatDownParams(Json):
     """Current-power float-down control (当前功率下浮控), switched on at ``issued_s`` for
     ``control_half_hours``. Baseline = mean of the 1-minute means over ``window_min`` (定值滑差
     时间, 1..60) ending ``freeze_delay_min`` (0..60) after switch-on; setpoint = baseline ×
@@ -406,7 +301,7 @@ class FloatDownParams(_Json):
 
 
 @dataclass(frozen=True)
-class MonthlyParams(_Json):
+class MonthlyParams(Json):
     """Monthly energy control (月电控): alarm once this month's import reaches ``alarm_pct`` % of
     ``limit_kwh``; at the limit, trip the energy rounds one per interval."""
 
@@ -423,7 +318,7 @@ class MonthlyParams(_Json):
 
 
 @dataclass(frozen=True)
-class PurchaseParams(_Json):
+class PurchaseParams(Json):
     """Purchased-energy (prepaid) control (购电控). The latest order: ``order_no`` (> the last
     applied one, else ignored; 0 = none yet), ``append`` (True: add ``amount_kwh`` to what is
     left; False: refresh, what is left becomes ``amount_kwh``). Alarm when what is left ≤
@@ -448,7 +343,7 @@ class PurchaseParams(_Json):
 
 
 @dataclass(frozen=True)
-class GuaranteeParams(_Json):
+class GuaranteeParams(Json):
     """Power guarantee (保电). ``on`` since ``issued_s`` for ``duration_half_hours`` (0 =
     until cleared). ``auto_after_h`` (0 = never, 1..255): guarantee automatically while the
     platform has not been heard from for this many hours."""
@@ -466,7 +361,7 @@ class GuaranteeParams(_Json):
 
 
 @dataclass(frozen=True)
-class ModeParams(_Json):
+class ModeParams(Json):
     """Everything the platform sets. ``floor_kw``: protection floor (保安定值), no power setpoint
     below it. ``restore_interval_s``: staggered restore, at most one round per interval.
     ``exclusion`` (剔除): group-addressed commands other than time sync are ignored (the
@@ -603,7 +498,7 @@ class CycleOutputs:
 
 
 @dataclass
-class RemoteProgress(_Json):
+class RemoteProgress(Json):
     """A remote order being carried out: phase "alarm", "tripped" or "done"."""
 
     issued_s: float
@@ -611,7 +506,7 @@ class RemoteProgress(_Json):
 
 
 @dataclass
-class PowerProgress(_Json):
+class PowerProgress(Json):
     """The running power control. ``key`` names its activation (a new key = a reset)."""
 
     key: str | None = None
@@ -625,14 +520,14 @@ class PowerProgress(_Json):
 
 
 @dataclass
-class EnergyProgress(_Json):
+class EnergyProgress(Json):
     armed: bool = False
     alarm: bool = False
     last_trip_s: float | None = None
 
 
 @dataclass
-class ModeState(_Json):
+class ModeState(Json):
     """What the machine remembers. ``tripped``: round -> when it was tripped (wanted open).
     ``holds``: round -> modes holding it tripped; a tripped round with no holder waits for its
     staggered restore (``pending`` says which mode released it and why). ``released``:

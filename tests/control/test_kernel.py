@@ -33,7 +33,7 @@ from lmt.control import (
     warmup,
 )
 from lmt.control.kernel import KEEP, RESTORE, SHED, cap_step, release_step
-from lmt.control.select import select_restore_py, select_shed_py
+from lmt.control.select_reference import select_restore_py, select_shed_py
 
 # A small commercial site. Together the loads draw 87 kW.
 LOADS = (

@@ -15,10 +15,9 @@ from lmt.control.select import (
     DEFAULT_MAX_CELLS,
     SNAP_UNITS,
     restore_kernel,
-    select_restore_py,
-    select_shed_py,
     shed_kernel,
 )
+from lmt.control.select_reference import select_restore_py, select_shed_py
 
 RES = 0.1
 SUB = 0.04  # a load smaller than the resolution
