@@ -175,17 +175,6 @@ def test_release_takes_adjustable_loads_back_to_their_former_setpoint() -> None:
     assert "back to 80.0 %" in dec.reasons[0]
 
 
-def test_priority_selection_leaves_adjustable_loads_alone() -> None:
-    ev = LoadSpec("ev", 20.0, 1, kind="adjustable")
-    pump = LoadSpec("pump", 10.0, 10, min_on_s=100.0)
-    fan = LoadSpec("fan", 10.0, 20)
-    states = [LoadState(is_on=True), LoadState(is_on=True, last_switch_s=50.0),
-              LoadState(is_on=True)]
-    params = CapParams(cap_kw=100.0, margin_kw=0.0, min_on_s=0.0, selection="priority")
-    dec = decide_cap(105.0, 60.0, [ev, pump, fan], states, params)
-    assert dec.shed == (2,) and not dec.setpoints  # pump's own minimum on time holds it
-
-
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"kind": "boost"}, "kind must be one of"),
     ({"kind": "deferrable"}, "needs max_off_s"),
