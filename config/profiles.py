@@ -1,6 +1,7 @@
 """Device profiles: what a device holds (register maps), never where it is.
 
-A profile is a TOML file in ``config/profiles/<vendor>-<model>.toml``, one entry per point.
+A profile is a TOML file in ``config/profile_library/<vendor>-<model>.toml`` (the shipped
+library, installed as the data package ``lmt.config.profile_library``), one entry per point.
 Connection settings (host, port, device id) live in the site configuration that binds a
 profile to a bus and an address.
 """
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import ConfigError, load_toml
 
-PROFILE_DIR = Path(__file__).parent / "profiles"
+# The shipped library, beside this module (and not named like it).
+PROFILE_DIR = Path(__file__).parent / "profile_library"
 
 
 class Table(StrEnum):

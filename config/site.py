@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import load_toml
-from .profiles import load_profile
+from .profiles import Table, load_profile
 
 
 class _Strict(BaseModel):
@@ -123,7 +123,7 @@ class SiteConfig(_Strict):
             if dev_name not in by_name:
                 raise ValueError(f"loads[{i}].relay: no device named {dev_name!r}")
             prof = load_profile(by_name[dev_name].profile)
-            if not prof.has_point(point) or prof.point(point).table.value != "coil":
+            if not prof.has_point(point) or prof.point(point).table is not Table.COIL:
                 raise ValueError(f"loads[{i}].relay: {dev_name!r} has no coil point {point!r}")
             if load.relay in used:
                 raise ValueError(f"loads[{i}].relay: {load.relay} already switches another load")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 
 from lmt.config.profiles import DataType, Point
 
@@ -41,7 +42,7 @@ def _check_register_point(point: Point) -> DataType:
     return point.type
 
 
-def _wire_bytes(registers: list[int] | tuple[int, ...], point: Point) -> bytes:
+def _wire_bytes(registers: Sequence[int], point: Point) -> bytes:
     """The value's bytes, most significant first, from registers as they came off the wire."""
     words = list(registers)
     if any(not 0 <= w <= 0xFFFF for w in words):
@@ -74,7 +75,7 @@ def _is_sentinel(pattern: int, point: Point) -> bool:
     return any(pattern == s % width for s in point.invalid)
 
 
-def decode_registers(registers: list[int] | tuple[int, ...], point: Point) -> float | bool | None:
+def decode_registers(registers: Sequence[int], point: Point) -> float | bool | None:
     """Decode ``point.size`` registers into the point's engineering value.
 
     Returns ``None`` for a declared ``invalid`` sentinel or a NaN float, ``bool`` for a bit
@@ -99,7 +100,7 @@ def decode_registers(registers: list[int] | tuple[int, ...], point: Point) -> fl
 
 
 def encode_value(value: float | bool | None, point: Point,
-                 registers: list[int] | tuple[int, ...] | None = None) -> list[int]:
+                 registers: Sequence[int] | None = None) -> list[int]:
     """Encode an engineering value into registers (the inverse of :func:`decode_registers`).
 
     ``raw = (value - offset) / multiplier``, rounded for integer types; a value outside the
@@ -111,8 +112,7 @@ def encode_value(value: float | bool | None, point: Point,
     dtype = _check_register_point(point)
     n = point.size
     fmt = ">" + _FORMATS[dtype]
-    unavailable = value is None or (isinstance(value, float) and math.isnan(value))
-    if unavailable:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # unavailable
         if point.invalid:
             pattern = point.invalid[0] % (1 << (16 * n))
             return _registers(struct.pack(">" + _UNSIGNED[n], pattern), point)

@@ -319,6 +319,7 @@ class ModbusDevice:
                 failures.append((tuple(p.name for p in block.points), exc))
                 continue
             for p in block.points:
+                assert p.address is not None  # a planned block holds Modbus points only
                 off = p.address - block.address
                 if block.table.is_bit:
                     out[p.name] = bool(data[off])
@@ -371,8 +372,7 @@ class ModbusDevice:
             try:
                 if len(bits) > 1:
                     try:
-                        await self.bus.call(self.name, 15, lambda c, a=address, b=bits:
-                                            c.write_coils(a, b, device_id=dev))
+                        await self.bus.call(self.name, 15, _write_coils(address, bits, dev))
                         continue
                     except DeviceException as exc:
                         if exc.code != 1:  # 1: illegal function; fall back to 05, remember it
@@ -381,8 +381,7 @@ class ModbusDevice:
                 for n, a, b in zip(run, range(address, address + len(bits)), bits,
                                    strict=True):
                     try:
-                        await self.bus.call(self.name, 5, lambda c, a=a, b=b:
-                                            c.write_coil(a, b, device_id=dev))
+                        await self.bus.call(self.name, 5, _write_coil(a, b, dev))
                     except Exception as exc:  # this coil alone
                         errors[n] = exc
             except Exception as exc:  # reported per point; the other runs go on
@@ -412,7 +411,7 @@ class ModbusDevice:
             await self.write_coil(point_name, bool(value), verify)
             return
         if point.table is not Table.HOLDING:
-            raise ValueError(f"{self.name}: {point.table.value} points cannot be written")
+            raise ValueError(f"{self.name}: {point.table} points cannot be written")
         assert point.address is not None
         current = None
         if point.bit is not None:  # a bit field: read-modify-write the register(s)
@@ -420,7 +419,7 @@ class ModbusDevice:
             data = await self._read_block(block)
             off = point.address - block.address
             current = data[off: off + point.size]
-        regs = encode_value(value, point, current)  # type: ignore[arg-type]
+        regs = encode_value(value, point, current)
         dev, address = self.device_id, point.address
         await self.bus.call(self.name, 16,
                             lambda c: c.write_registers(address, regs, device_id=dev))
@@ -428,6 +427,16 @@ class ModbusDevice:
             got = (await self.read_points([point_name]))[point_name]
             if not _same_value(point, value, got):
                 raise VerificationError(self.name, f"{point_name} written {value}, reads {got}")
+
+
+def _write_coil(address: int, value: bool, device_id: int) -> RequestFactory:
+    """Function 05 for one coil (its arguments bound now, not when a loop has moved on)."""
+    return lambda c: c.write_coil(address, value, device_id=device_id)
+
+
+def _write_coils(address: int, values: list[bool], device_id: int) -> RequestFactory:
+    """Function 15 for a run of coils from ``address``."""
+    return lambda c: c.write_coils(address, values, device_id=device_id)
 
 
 def _same_value(point: Point, written: float | bool, got: Value) -> bool:

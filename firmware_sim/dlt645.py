@@ -514,6 +514,7 @@ class Dlt645Line:
             return m.status_word3().to_bytes(2, "little")
         if di in (DI_DATE, DI_TIME):
             now = self.meter_time(m.address)
+            fields: tuple[int, ...]
             if di == DI_DATE:
                 fields = ((now.weekday() + 1) % 7, now.day, now.month, now.year % 100)  # 0 = Sunday
             else:

@@ -183,7 +183,8 @@ def _spans(points: Iterable[Point], max_gap: int) -> tuple[set[int], list[tuple[
     answering: set[int] = set()
     gaps: list[tuple[int, int]] = []
     prev_end: int | None = None
-    for p in sorted(points, key=lambda p: p.address):
+    for p in sorted(points, key=lambda p: p.address or 0):
+        assert p.address is not None  # a Modbus point
         end = p.address + p.size
         if prev_end is not None and 0 < p.address - prev_end <= max_gap:
             gaps.append((prev_end, p.address - prev_end))
@@ -207,12 +208,14 @@ class _Device:
         self.faults = faults
         self.points: dict[Table, list[Point]] = {t: [] for t in _TABLES}
         for p in profile.points:
+            assert p.table is not None  # every point of a Modbus profile has one
             self.points[p.table].append(p)
         self.answering: dict[Table, set[int]] = {}
         self.gaps: dict[Table, list[tuple[int, int]]] = {}
         for table in _TABLES:
             self.answering[table], self.gaps[table] = _spans(self.points[table], profile.max_gap)
-        self.coils: dict[int, Point] = {p.address: p for p in self.points[Table.COIL]}
+        self.coils: dict[int, Point] = {p.address: p for p in self.points[Table.COIL]
+                                        if p.address is not None}
         where = f"device {self.name!r} (profile {profile.id!r})"
         self.cells: dict[Table, list[_Cell]] = {
             t: _cells(self.points[t], where) for t in (Table.HOLDING, Table.INPUT)}
@@ -235,6 +238,7 @@ class _Device:
     def _bit_block(self, table: Table) -> list[SimData]:
         blocks = []
         for p in self.points[table]:
+            assert p.address is not None
             relay = f"{self.name}.{p.name}"
             if table is Table.COIL:
                 value = self.site.physics.relay_on(relay)
@@ -334,6 +338,7 @@ class _Device:
         end = address + len(values)
         t = self.site.clock()
         for p in self.points[Table.HOLDING]:
+            assert p.address is not None
             if not p.writable or p.address >= end or p.address + p.size <= address:
                 continue
             words = list(registers[p.address - start_address: p.address - start_address + p.size])
@@ -613,7 +618,9 @@ class SimulatedSite:
             return _exception(function, ExcCodes.ILLEGAL_VALUE)
         pdu.dev_id = device_id
         try:
-            response = await pdu.datastore_update(core, device_id)
+            # pymodbus annotates the context as a ModbusServerContext; its own server, like
+            # this one, passes its SimCore datastore
+            response = await pdu.datastore_update(core, device_id)  # type: ignore[arg-type]
             return bytes([response.function_code]) + response.encode()
         except Exception:
             _log.exception("device id %d: request %s failed", device_id, request.hex(" "))

@@ -41,7 +41,8 @@ def _install(tmp: Path, editable: bool) -> Path:
     else:  # build from a copy, so no build/ folder lands in (or is reused from) the checkout
         src = tmp / "src"
         shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-            ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+            ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".mypy_cache",
+            "typecheck"))
         target = [str(src)]
     # --no-deps: the dependencies come from the test environment below; what is under test
     # is what this project's own packaging puts in place.
@@ -91,4 +92,6 @@ def test_install_gives_lmt_namespace_only(installs: dict[bool, Future[Path]],
         site = Path(sysconfig.get_paths(vars={"base": str(env_dir), "platbase": str(env_dir)}
                                         )["purelib"])
         assert not any((site / m).exists() for m in ("agent", "control", "drivers"))
-        assert (site / "lmt" / "config" / "profiles" / "generic-relay-8.toml").is_file()
+        assert (site / "lmt" / "config" / "profile_library" / "generic-relay-8.toml").is_file()
+        # the module lmt.config.profiles is the only thing of that name
+        assert not (site / "lmt" / "config" / "profiles").exists()

@@ -1,7 +1,7 @@
 """The profile contract: every profile, served by the simulator, reads back through the drivers
 as the simulator's physics says.
 
-One parametrized test per profile in ``config/profiles`` (evcc instantiates every template in
+One parametrized test per profile in ``config/profile_library`` (evcc instantiates every template in
 CI; so do we), whatever its protocol. Each builds a one-device site at a fixed moment and
 serves it from ``lmt.firmware_sim``: a Modbus profile over real Modbus TCP on a free port, a
 DL/T 645 profile on a DL/T 645 line (a pseudo-terminal). Every point is read with
