@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
 from .messages import SCHEMA_MODELS
 
 
@@ -12,7 +14,7 @@ def render_schemas() -> dict[str, str]:
     """File name -> JSON text, one schema per payload."""
     out = {}
     for name, model in SCHEMA_MODELS.items():
-        schema = model.model_json_schema()
+        schema = TypeAdapter(model).json_schema()  # a model, or a type such as Command
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
                   "$id": f"lmt-edge/mqtt/{name}.schema.json", **schema}
         out[f"{name}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -4,32 +4,37 @@ agent (`lmt run`), and the platform CLI (`lmt platform keygen | sign | send | wa
 A signed cap opens the right relays and brings the measured site power under the cap within a
 few control cycles; the loads come back when it ends. Tampered, expired, replayed and wrongly
 addressed commands are refused with their reason and change nothing on the site. Telemetry
-reaches a subscriber with contiguous sequence numbers.
+reaches a subscriber with contiguous sequence numbers. Every message on the terminal's topics,
+both ways, matches the published JSON Schemas (docs/schemas/).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import queue
 import struct
 import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import jsonschema
 import pytest
 import tomli_w
 from pymodbus.client import ModbusTcpClient
 
 from lmt.agent.broker import Broker, free_port
+from lmt.agent.platform import _Client
 from tests.conftest import EXAMPLES, lmt_argv, wait_until
 
 TERMINAL = "demo-0001"
 PREFIX = "lmt/v1"
 RELAYS = [f"relay_{i}" for i in range(1, 9)]
+SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 
 
 @dataclass
@@ -49,6 +54,23 @@ class Site:
 
 
 @dataclass
+class Recorder:
+    """Every MQTT message on the terminal's topics, both ways, as (topic, payload), from
+    before the agent starts."""
+
+    client: _Client
+    got: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def messages(self) -> list[tuple[str, bytes]]:
+        while True:
+            try:
+                m = self.client.messages.get_nowait()
+            except queue.Empty:
+                return list(self.got)
+            self.got.append((m.topic, bytes(m.payload)))
+
+
+@dataclass
 class Terminal:
     site: Site
     broker: Broker
@@ -56,6 +78,7 @@ class Terminal:
     key: Path
     watch_out: Path
     agent: subprocess.Popen[bytes]
+    mqtt: Recorder
 
     def watched(self) -> list[dict]:
         lines = self.watch_out.read_text().splitlines()
@@ -133,6 +156,8 @@ def terminal(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     wait_until(ready.exists, 30, "the simulator to listen")
     client = ModbusTcpClient("127.0.0.1", port=site_port, timeout=2)
     assert client.connect()
+    recorder = Recorder(_Client("127.0.0.1", broker.port))
+    recorder.client.connect([f"{PREFIX}/{TERMINAL}/#"])
     watch_out = work / "watch.jsonl"
     wfh = open(watch_out, "wb")
     procs.append(subprocess.Popen(lmt_argv("platform", "watch", "--broker",
@@ -141,13 +166,14 @@ def terminal(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     wfh.close()
     agent = _spawn(lmt_argv("run", "--config", str(work / "agent.toml")), work / "agent.log")
     t = Terminal(Site(site_port, client), broker, work, work / "keys" / "platform.key",
-                 watch_out, agent)
+                 watch_out, agent, recorder)
     try:
         wait_until(lambda: any(r.get("device") == "main-meter" for r in t.records("telemetry")),
                    90, "telemetry from the agent")
         yield t
     finally:
         client.close()
+        recorder.client.close()
         agent_rc = _stop(agent)
         for p in procs:
             _stop(p)
@@ -269,3 +295,65 @@ def test_telemetry_sequence_is_contiguous(terminal: Terminal) -> None:
     for stream in ("events", "results"):
         s = [r["seq"] for r in terminal.records(stream)]
         assert s == list(range(s[0], s[0] + len(s)))
+
+
+# -- the contract: what goes over the wire is what docs/schemas/ publishes --------------------
+_SCHEMA_OF_TOPIC = {"status": "status", "telemetry": "telemetry", "events": "events",
+                    "result": "result", "cmd": "cmd"}
+
+
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    cls = jsonschema.validators.validator_for(schema)  # the draft the schema declares
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _problems(v: jsonschema.protocols.Validator, doc: object) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+            for e in v.iter_errors(doc)]
+
+
+def test_every_message_matches_the_published_schemas(terminal: Terminal) -> None:
+    """Runs last: it checks what the tests above made go over the broker. Every message on
+    the terminal's topics matches its schema: status, telemetry, events and result from the
+    agent, and the signed commands sent to it (envelope and body) — all but the one
+    deliberately malformed envelope, which must not."""
+    t = terminal
+    # a command and its answer of its own, so that every topic is seen even when run alone
+    probe = t.sign("contract-probe", "cancel", "--target", "no-such-command")
+    rc, results = t.send_raw(probe)
+    assert rc == 3 and results[-1]["reason"] == "unknown_target", results
+    seq = results[-1]["seq"]
+    wait_until(lambda: any(topic.endswith("/result") and any(
+        r["seq"] == seq for r in json.loads(p)["records"]) for topic, p in t.mqtt.messages()),
+        10, "the recorder to get the probe's result")
+
+    validators = {name: _validator(name) for name in (*_SCHEMA_OF_TOPIC.values(), "command-body")}
+    deliberate = t.work / "malformed.json"  # test_bad_commands_are_refused_and_change_nothing
+    malformed = deliberate.read_bytes() if deliberate.exists() else None
+    seen: dict[str, int] = dict.fromkeys(_SCHEMA_OF_TOPIC, 0)
+    received: set[tuple[str, int]] = set()
+    bad = []
+    for topic, payload in t.mqtt.messages():
+        kind = topic.rsplit("/", 1)[-1]
+        assert kind in _SCHEMA_OF_TOPIC, f"a message on an unpublished topic {topic}"
+        doc = json.loads(payload)
+        if kind == "cmd" and payload == malformed:
+            assert _problems(validators["cmd"], doc), "the malformed envelope matches cmd"
+            continue
+        problems = _problems(validators[_SCHEMA_OF_TOPIC[kind]], doc)
+        if kind == "cmd" and not problems:
+            problems = [f"body: {p}" for p in
+                        _problems(validators["command-body"], json.loads(doc["body"]))]
+        if problems:
+            bad.append((topic, payload[:400], problems[:5]))
+        if kind in ("telemetry", "events", "result") and isinstance(doc, dict):
+            received |= {(doc.get("stream"), r.get("seq")) for r in doc.get("records", [])}
+        seen[kind] += 1
+    assert not bad, f"{len(bad)} messages break the published schemas: {bad[:5]}"
+    assert all(seen.values()), f"not every topic was seen: {seen}"
+    assert seen["cmd"] >= 2 and seen["telemetry"] > 20, seen
+    # the recorder got everything the tests above received (the watcher's records)
+    watched = {(x["stream"], x["record"]["seq"]) for x in t.watched() if "record" in x}
+    assert watched and watched <= received, sorted(watched - received)[:10]
