@@ -1,10 +1,12 @@
 """Build the agent's devices from its configuration: every protocol behind one interface.
 
-A device reads its points (``read_points(names, partial=True)``: what could be read, the
-blocks or data identifiers that failed in ``last_failures``), says what a read costs
-(``transactions(names)`` requests, ``wire_time_s(names)`` on a serial line: the agent's
-deadline for the read), may write them (Modbus), and has a transport (a TCP connection, or a
-serial line shared by the devices on it) that the agent resets after a timeout.
+A device reads its points (``read(names)``: a :class:`~lmt.drivers.result.ReadResult`, the
+values that could be read and the blocks or data identifiers that failed, each error with its
+``cause``; ``read_points(names, partial=True)``, kept until its users move to ``read``, leaves
+the failures in ``last_failures``), says what a read costs (``transactions(names)`` requests,
+``wire_time_s(names)`` on a serial line: the agent's deadline for the read), may write them
+(Modbus), and has a transport (a TCP connection, or a serial line shared by the devices on it)
+that the agent resets after a timeout.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lmt.drivers.errors import DriverError
 from lmt.drivers.modbus import ModbusBus, ModbusDevice, ModbusTcpBus
 from lmt.drivers.modbus_rtu import ModbusRtuBus
 from lmt.drivers.plan import due_points
+from lmt.drivers.result import ReadResult
 from lmt.drivers.serial_line import SerialLine
 
 
@@ -29,6 +32,8 @@ class Device(Protocol):
     name: str
     profile: Profile
     last_failures: list[tuple[tuple[str, ...], DriverError]]
+
+    async def read(self, names: Any = None) -> ReadResult: ...
 
     async def read_points(self, names: Any = None, *, partial: bool = False
                           ) -> dict[str, Any]: ...

@@ -26,6 +26,7 @@ from lmt.config.agent import SERIAL_DEFAULTS
 from lmt.config.profiles import Profile, Table, available_profiles, load_profile
 from lmt.drivers.errors import (
     EXCEPTION_CODES,
+    Cause,
     DeviceException,
     DeviceUnavailable,
     DriverError,
@@ -85,27 +86,23 @@ class PortError(DeviceUnavailable):
 
     ``kind``: ``no-such-port``, ``permission-denied``, ``port-busy``, ``port-error`` (serial);
     ``connection-refused``, ``connect-timeout``, ``unknown-host``, ``host-unreachable``,
-    ``connect-failed`` (TCP).
+    ``connect-failed`` (TCP). ``cause``: the driver's (``no_such_port``, ``permission``,
+    ``busy``; ``connect`` for every TCP kind).
     """
 
-    def __init__(self, device: str, message: str, kind: str) -> None:
+    def __init__(self, device: str, message: str, kind: str, cause: Cause = "connect") -> None:
         self.kind = kind
-        self.message = message
-        super().__init__(device, message)
+        super().__init__(device, message, cause)
+
+
+#: The PortError kind of a serial port's open error, by its cause (others: ``port-error``).
+SERIAL_PORT_KINDS: dict[Cause, str] = {
+    "no_such_port": "no-such-port", "permission": "permission-denied", "busy": "port-busy"}
 
 
 def _serial_port_error(port: str, exc: DeviceUnavailable) -> PortError:
     """The serial line's or the RTU bus's open error as a PortError of its kind."""
-    message = str(exc).removeprefix(f"{exc.device}: ")
-    if message.startswith("no such serial port"):
-        kind = "no-such-port"
-    elif message.startswith("permission denied"):
-        kind = "permission-denied"
-    elif " is busy" in message:
-        kind = "port-busy"
-    else:
-        kind = "port-error"
-    return PortError(port, message, kind)
+    return PortError(port, exc.message, SERIAL_PORT_KINDS.get(exc.cause, "port-error"), exc.cause)
 
 
 async def check_tcp(host: str, port: int, timeout_s: float) -> None:
@@ -150,20 +147,21 @@ async def open_target(t: Target, conn: Any) -> None:
         raise _serial_port_error(t.serial or "", exc) from exc
 
 
+#: The ``--json`` error kind of a DeviceUnavailable, by its cause (others: ``unavailable``).
+UNAVAILABLE_KINDS: dict[Cause, str] = {"no_answer": "no-answer", "garbled": "bad-answer"}
+
+
 def error_message(t: Target, exc: DriverError) -> str:
     """The error's sentence, without repeating the port or endpoint the target names."""
-    if isinstance(exc, PortError):
-        return exc.message
-    text = str(exc)
     own = {t.serial, f"{t.tcp[0]}:{t.tcp[1]}" if t.tcp else None} - {None}
-    if exc.device in own:
-        text = text.removeprefix(f"{exc.device}: ")
-    return text
+    if isinstance(exc, PortError) or exc.device in own:
+        return exc.message
+    return str(exc)
 
 
 def error_json(t: Target, exc: DriverError) -> dict[str, Any]:
     """``{"target": …, "error": {"kind": …, "message": …, …}}`` for ``--json``."""
-    from lmt.drivers.dlt645 import Dlt645FrameError, Dlt645Refused
+    from lmt.drivers.dlt645 import Dlt645Refused
     from lmt.drivers.serial_line import NoisyLine
 
     err: dict[str, Any] = {"message": error_message(t, exc), "device": exc.device}
@@ -177,17 +175,8 @@ def error_json(t: Target, exc: DriverError) -> dict[str, Any]:
                    meaning=EXCEPTION_CODES.get(exc.code, "unknown exception"))
     elif isinstance(exc, NoisyLine):
         err["kind"] = "noise"
-    elif isinstance(exc, Dlt645FrameError):
-        err["kind"] = "bad-answer"
-    elif isinstance(exc, DeviceUnavailable):
-        text = str(exc)
-        if "no answer within" in text:
-            err["kind"] = "no-answer"
-        elif any(k in text for k in ("bytes of noise", "garbled", "CRC error", "incomplete",
-                                     "checksum")):
-            err["kind"] = "bad-answer"
-        else:
-            err["kind"] = "unavailable"
+    elif isinstance(exc, DeviceUnavailable):  # a DL/T 645 frame error is garbled: bad-answer
+        err["kind"] = UNAVAILABLE_KINDS.get(exc.cause, "unavailable")
     elif isinstance(exc, VerificationError):
         err["kind"] = "verification"
     else:
@@ -431,9 +420,9 @@ async def dlt645_probe(line: Any, pattern: str, timeout_s: float) -> tuple[str, 
     except NoisyLine:
         raise  # not a collision: nothing on this line can be told apart
     except DeviceUnavailable as exc:
-        if "no answer within" in str(exc):
+        if exc.cause == "no_answer":  # silence, or only the adapter's echo of the request
             return "none", None
-        if "no complete answer" in str(exc):
+        if exc.cause == "garbled":
             return "collision", None  # overlapping answers make noise or a cut-off frame
         raise  # the port itself failed: say so
     if frame is None or not _matches(pattern, frame.address):

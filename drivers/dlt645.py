@@ -15,11 +15,14 @@ sequences of the DL/T 645-2007 domain notes:
   guarantee (``1C``);
 * status word 3 (DI ``04000503``) — :class:`StatusWord3`, used to confirm every ``1C`` command.
 
-:class:`Dlt645Meter` reads a profile's points (one request per data identifier) and sends the
-``1C`` commands, each confirmed by reading status word 3 back. Failures are typed: no answer or
-a garbled one is :class:`~lmt.drivers.errors.DeviceUnavailable` (:class:`Dlt645FrameError` for a
-bad checksum or malformed data), an abnormal reply is :class:`Dlt645Refused`, a command the
-meter took but did not carry out is :class:`~lmt.drivers.errors.VerificationError`.
+:class:`Dlt645Meter` reads a profile's points (one request per data identifier;
+:meth:`~Dlt645Meter.read` returns a :class:`~lmt.drivers.result.ReadResult`) and sends the
+``1C`` commands, each confirmed by reading status word 3 back. Failures are typed, each with its
+``cause``: no answer or a garbled one is :class:`~lmt.drivers.errors.DeviceUnavailable`
+(``no_answer``, ``garbled``, or the port's trouble; :class:`Dlt645FrameError`, ``garbled``, for
+a bad checksum or malformed data), an abnormal reply is :class:`Dlt645Refused` (``exception``),
+a command the meter took but did not carry out is
+:class:`~lmt.drivers.errors.VerificationError` (``verification``).
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import IntEnum
+from typing import ClassVar
 
 from lmt.config.profiles import Point, Profile
 
-from .errors import DeviceException, DeviceUnavailable, DriverError, VerificationError
+from .errors import Cause, DeviceException, DeviceUnavailable, DriverError, VerificationError
+from .result import PointsFailure, ReadResult
 from .serial_line import SerialLine
 
 START = 0x68
@@ -118,11 +123,15 @@ class ChecksumError(FrameError):
 
 
 class Dlt645FrameError(DeviceUnavailable):
-    """The meter's answer was garbled: bad checksum, wrong length, non-BCD data, wrong DI."""
+    """The meter's answer was garbled: bad checksum, wrong length, non-BCD data, wrong DI.
+    Cause ``garbled``."""
+
+    default_cause: ClassVar[Cause] = "garbled"
 
 
 class Dlt645Refused(DeviceException):
-    """The meter answered with an abnormal reply (D6 set); ``meanings`` decodes its error byte."""
+    """The meter answered with an abnormal reply (D6 set); ``meanings`` decodes its error byte.
+    Cause ``exception`` (whatever the error byte: it is not a Modbus exception code)."""
 
     def __init__(self, device: str, function: int, code: int, hint: str = "") -> None:
         self.function = function
@@ -130,7 +139,7 @@ class Dlt645Refused(DeviceException):
         self.meanings = error_meanings(code)
         text = (f"meter refused function {function:02X} (abnormal reply, error byte {code:02X}: "
                 f"{', '.join(self.meanings) or 'no bit set'})")
-        DriverError.__init__(self, device, f"{text}; {hint}" if hint else text)
+        DriverError.__init__(self, device, f"{text}; {hint}" if hint else text, "exception")
 
     @property
     def no_data(self) -> bool:
@@ -523,9 +532,9 @@ class Dlt645Meter:
         self.poll_interval_s = poll_interval_s
         self.preamble = preamble
         self.last_latency_s = 0.0
-        #: Data identifiers the last partial read (``read_points(partial=True)``) could not
-        #: get: their point names and the error.
-        self.last_failures: list[tuple[tuple[str, ...], DriverError]] = []
+        #: Data identifiers the last ``read_points(partial=True)`` could not get: their point
+        #: names and the error (:meth:`read` returns them instead, and leaves this alone).
+        self.last_failures: list[PointsFailure] = []
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -610,22 +619,37 @@ class Dlt645Meter:
         n = self.transactions(names)
         return size * self.line.char_time_s + n * self.line.silence_s
 
+    async def read(self, names: Iterable[str] | None = None) -> ReadResult:
+        """Read points (all of the profile's when ``names`` is None), one request per DI, as
+        many as the meter gives.
+
+        Points sharing a DI share its read. A point is None only when the meter says it has no
+        such data (abnormal reply "no data requested") or the value is one of the point's
+        ``invalid`` raw values. A DI the meter refuses (another abnormal reply) or whose data
+        does not decode is left out, its points missing from the values and listed in the
+        result's ``failures`` with the error, and the other DIs are still read. The read
+        raises when no DI could be read, or at the first sign that the meter is not reachable
+        (no answer, a garbled frame).
+        """
+        return await self._read(names, partial=True)
+
     async def read_points(self, names: Iterable[str] | None = None, *,
                           partial: bool = False) -> dict[str, float | None]:
         """Read points (all of the profile's when ``names`` is None), one request per DI.
 
-        Points sharing a DI share its read. A point is None only when the meter says it has no
-        such data (abnormal reply "no data requested") or the value is one of the point's
-        ``invalid`` raw values; every failure raises, unless ``partial``: then a DI the meter
-        refuses (another abnormal reply) or whose data does not decode is left out, its
-        points missing from the result and listed in :attr:`last_failures`, and the other
-        DIs are still read. Even so the read raises when no DI could be read, or at the first
-        sign that the meter is not reachable (no answer, a garbled frame).
+        Every failure raises, unless ``partial``: then it reads as :meth:`read` does, and the
+        DIs left out are in :attr:`last_failures` (prefer :meth:`read`, which returns them).
         """
         self.last_failures = []
+        result = await self._read(names, partial)
+        self.last_failures = list(result.failures)
+        return result.values
+
+    async def _read(self, names: Iterable[str] | None, partial: bool) -> ReadResult:
+        """The DI reads of :meth:`read` (``partial``) and of a strict :meth:`read_points`."""
         by_di = self._by_di(names)
         out: dict[str, float | None] = {}
-        failures: list[tuple[tuple[str, ...], DriverError]] = []
+        failures: list[PointsFailure] = []
         for di, points in by_di.items():
             try:
                 data = await self.read_di(di)
@@ -645,8 +669,7 @@ class Dlt645Meter:
                 failures.append((tuple(p.name for p in points), exc))
         if failures and len(failures) == len(by_di):
             raise failures[0][1]
-        self.last_failures = failures
-        return out
+        return ReadResult(out, tuple(failures))
 
     def _decode_di(self, di: str, data: bytes, points: list[Point]) -> dict[str, float | None]:
         """The values of the points of one DI from its data; Dlt645FrameError if they do not
@@ -693,7 +716,7 @@ class Dlt645Meter:
             frame, _ = await Dlt645Meter._exchange(line, line.name, read_address_request(preamble),
                                                    Function.READ_ADDRESS, None, timeout_s)
         except Dlt645FrameError as exc:
-            raise Dlt645FrameError(line.name, f"{exc.args[0].split(': ', 1)[-1]}; read address "
+            raise Dlt645FrameError(line.name, f"{exc.message}; read address "
                                    "needs exactly one meter on the line: several meters answer "
                                    "the wildcard at once and their answers collide") from exc
         if len(frame.data) != 6:

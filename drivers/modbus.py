@@ -8,6 +8,14 @@ bus, read and written through its profile; it works the same on either bus.
 Every bus counts its ``transactions`` and the bytes of the Modbus frames it sent and received
 (``bytes_sent``/``bytes_received``: MBAP header + PDU on TCP, the whole RTU frame with its CRC
 on a serial line; TCP/IP headers are not counted).
+
+Failures are typed (:mod:`lmt.drivers.errors`), each with its ``cause``: cannot connect, a
+connection refused or dropped (``connect``), no answer within the timeout (``no_answer``), an
+answer that does not decode, is short or answers another request (``garbled``), an exception
+answer (``exception``, ``busy`` for code 6), a write whose read-back differs (``verification``).
+
+:meth:`ModbusDevice.read` reads what it can and returns a :class:`~lmt.drivers.result.ReadResult`:
+the values, and the blocks the device refused with their errors.
 """
 
 from __future__ import annotations
@@ -25,16 +33,14 @@ from pymodbus.pdu import ModbusPDU
 from lmt.config.profiles import Point, Profile, Table
 
 from .codec import decode_registers, encode_value
-from .errors import DeviceException, DeviceUnavailable, DriverError, VerificationError
+from .errors import Cause, DeviceException, DeviceUnavailable, VerificationError
 from .plan import Block, due_points, plan_reads
+from .result import PointsFailure, ReadResult
 
 Value = float | bool | None
 
 #: Builds the request on the bus's pymodbus client, e.g. ``lambda c: c.read_coils(0, count=8)``.
 RequestFactory = Callable[[Any], Awaitable[ModbusPDU]]
-
-#: Points a partial read could not get (one block, or one DL/T 645 data identifier) and why.
-PointsFailure = tuple[tuple[str, ...], DriverError]
 
 #: Exception codes that say the device itself is not reachable (a gateway's "path unavailable",
 #: "target failed to respond"): the whole device is unavailable, not one block.
@@ -82,9 +88,13 @@ class ModbusBus:
     def _make_client(self) -> ModbusBaseClient:
         raise NotImplementedError
 
-    async def _connect_failed(self) -> str:
-        """Why the client could not connect, in one sentence."""
-        return "cannot connect"
+    def _connect_error(self, exc: BaseException) -> tuple[str, Cause]:
+        """Why connecting raised ``exc``, in one sentence, and its cause."""
+        return f"cannot connect: {exc}", "connect"
+
+    async def _connect_failed(self) -> tuple[str, Cause]:
+        """Why the client could not connect, in one sentence, and its cause."""
+        return "cannot connect", "connect"
 
     async def _before_request(self) -> None:
         """Called under the bus lock, connected, just before the request is built and sent."""
@@ -95,13 +105,14 @@ class ModbusBus:
     def _on_received(self, data: bytes) -> None:
         """Called with each chunk of bytes received."""
 
-    def _no_answer(self, exc: ModbusException) -> str:
-        """Why a request got no usable answer (called after pymodbus gave up)."""
+    def _no_answer(self, exc: ModbusException) -> tuple[str, Cause]:
+        """Why a request got no usable answer (called after pymodbus gave up), and its cause."""
         if self._lost:
-            return "connection closed by the device"
+            return "connection closed by the device", "connect"
         if not self._answer:
-            return f"no answer within {self.timeout_s:g} s"
-        return f"garbled answer ({len(self._answer)} bytes: {hex_bytes(bytes(self._answer))})"
+            return f"no answer within {self.timeout_s:g} s", "no_answer"
+        return (f"garbled answer ({len(self._answer)} bytes: {hex_bytes(bytes(self._answer))})",
+                "garbled")
 
     def _close_after_failure(self) -> bool:
         """Close the connection after a failed transaction (TCP: yes, a fresh socket is cheap)."""
@@ -153,9 +164,9 @@ class ModbusBus:
         try:
             ok = await self._client.connect()
         except (OSError, ModbusException) as exc:
-            raise DeviceUnavailable(self.name, f"cannot connect: {exc}") from exc
+            raise DeviceUnavailable(self.name, *self._connect_error(exc)) from exc
         if not ok:
-            raise DeviceUnavailable(self.name, await self._connect_failed())
+            raise DeviceUnavailable(self.name, *await self._connect_failed())
         return self._client
 
     def close(self) -> None:
@@ -182,21 +193,22 @@ class ModbusBus:
                     rr = await coro_factory(client)
             except TimeoutError as exc:  # ours (the agent's adaptive timeout), or pymodbus's
                 client.close()  # drop the half-finished transaction
-                reason = (f"no answer within {self.request_timeout_s:g} s"
-                          if self.request_timeout_s is not None else f"connection failed: {exc}")
-                raise DeviceUnavailable(label, reason) from exc
+                if self.request_timeout_s is not None:
+                    raise DeviceUnavailable(label, f"no answer within {self.request_timeout_s:g} s",
+                                            "no_answer") from exc
+                raise DeviceUnavailable(label, f"connection failed: {exc}", "connect") from exc
             except ModbusException as exc:
-                reason = self._no_answer(exc)
+                reason, cause = self._no_answer(exc)
                 if self._close_after_failure():
                     client.close()
-                raise DeviceUnavailable(label, reason) from exc
+                raise DeviceUnavailable(label, reason, cause) from exc
             except OSError as exc:
                 client.close()
-                raise DeviceUnavailable(label, f"connection failed: {exc}") from exc
+                raise DeviceUnavailable(label, f"connection failed: {exc}", "connect") from exc
         answered = rr.function_code & 0x7F
         if answered != function:
             raise DeviceUnavailable(label, f"answer to another request (function {answered}, "
-                                           f"expected {function})")
+                                           f"expected {function})", "garbled")
         if rr.isError():
             code = getattr(rr, "exception_code", 0)
             raise DeviceException(label, function, int(code))
@@ -221,8 +233,8 @@ class ModbusTcpBus(ModbusBus):
                                     reconnect_delay=0, trace_packet=self._trace_packet,
                                     trace_pdu=self._trace_pdu, trace_connect=self._trace_connect)
 
-    async def _connect_failed(self) -> str:
-        return "cannot connect (refused or timed out)"
+    async def _connect_failed(self) -> tuple[str, Cause]:
+        return "cannot connect (refused or timed out)", "connect"
 
 
 class ModbusDevice:
@@ -235,7 +247,8 @@ class ModbusDevice:
         self.profile = profile
         self._plans: dict[tuple[str, ...], list[Block]] = {}
         self.last_latency_s = 0.0
-        #: The blocks the last partial read (``read_points(partial=True)``) could not get.
+        #: The blocks the last ``read_points(partial=True)`` could not get (:meth:`read` returns
+        #: them instead, and leaves this alone).
         self.last_failures: list[PointsFailure] = []
         #: Adjacent coils in one request (function 15); False once the device answered
         #: "illegal function" to one: then one coil per request (function 05).
@@ -287,26 +300,41 @@ class ModbusDevice:
         if block.table.is_bit:
             bits = list(rr.bits)
             if len(bits) < block.count:
-                raise DeviceUnavailable(self.name, f"short answer: {len(bits)} bits")
+                raise DeviceUnavailable(self.name, f"short answer: {len(bits)} bits", "garbled")
             return bits[: block.count]
         regs = list(rr.registers)
         if len(regs) != block.count:
-            raise DeviceUnavailable(self.name, f"short answer: {len(regs)} of {block.count} registers")
+            raise DeviceUnavailable(self.name, f"short answer: {len(regs)} of {block.count} registers",
+                                    "garbled")
         return regs
+
+    async def read(self, names: Iterable[str] | None = None) -> ReadResult:
+        """Read points (all of the profile's when ``names`` is None) in planned block reads, as
+        many as the device gives.
+
+        A block the device answers with an exception (an illegal data address, say) is left
+        out, its points missing from the values and listed in the result's ``failures`` with
+        the error, and the other blocks are still read. The read raises when no block could be
+        read, or at the first sign that the device is not reachable (:class:`DeviceUnavailable`:
+        no answer, connection lost, garbled; or a gateway's exception 10/11).
+        """
+        return await self._read(names, partial=True)
 
     async def read_points(self, names: Iterable[str] | None = None, *,
                           partial: bool = False) -> dict[str, Value]:
         """Read points (all of the profile's when ``names`` is None) in planned block reads.
 
-        Any failure raises, unless ``partial``: then a block the device answers with an
-        exception (an illegal data address, say) is left out, its points missing from the
-        result and listed in :attr:`last_failures`, and the other blocks are still read. Even
-        so the read raises when no block could be read, or at the first sign that the device
-        is not reachable (:class:`DeviceUnavailable`: no answer, connection lost, garbled;
-        or a gateway's exception 10/11).
+        Any failure raises, unless ``partial``: then it reads as :meth:`read` does, and the
+        blocks left out are in :attr:`last_failures` (prefer :meth:`read`, which returns them).
         """
-        start = time.monotonic()
         self.last_failures = []
+        result = await self._read(names, partial)
+        self.last_failures = list(result.failures)
+        return result.values
+
+    async def _read(self, names: Iterable[str] | None, partial: bool) -> ReadResult:
+        """The block reads of :meth:`read` (``partial``) and of a strict :meth:`read_points`."""
+        start = time.monotonic()
         blocks = self.plan(names)
         out: dict[str, Value] = {}
         failures: list[PointsFailure] = []
@@ -327,9 +355,8 @@ class ModbusDevice:
                     out[p.name] = decode_registers(data[off: off + p.size], p)
         if failures and len(failures) == len(blocks):
             raise failures[0][1]
-        self.last_failures = failures
         self.last_latency_s = time.monotonic() - start
-        return out
+        return ReadResult(out, tuple(failures))
 
     async def write_coil(self, point_name: str, value: bool, verify: bool = True) -> None:
         """Write one coil; with ``verify``, read it back and raise if it did not take."""

@@ -13,7 +13,9 @@ adds what a shared half-duplex line needs:
   expected answer: ``timeout_s`` plus the wire time of both frames at the line's baud rate, so
   a 157-byte answer at 2400 bit/s (0.7 s on the wire) does not eat the timeout;
 * typed errors with the reason: no such port, permission denied (the ``dialout`` group), port
-  busy, no answer, CRC error, garbled or incomplete answer (:class:`DeviceUnavailable`),
+  busy, no answer, CRC error, garbled or incomplete answer (:class:`DeviceUnavailable`, its
+  ``cause`` ``no_such_port``, ``permission``, ``busy``, ``no_answer`` or ``garbled``; a port
+  that went away under a transaction is ``connect``, one that cannot be configured ``other``),
   exception answers (:class:`DeviceException`); the port stays open after a failed
   transaction (one silent device does not take the line down) and is reopened lazily when it
   went away (USB adapter unplugged);
@@ -31,7 +33,6 @@ A character is ``1 start + byte_size + parity bit + stop_bits`` bits (11 bits fo
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import termios
 import time
@@ -43,9 +44,9 @@ from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerRTU, FramerType
 
-from .errors import DeviceUnavailable
+from .errors import Cause, DeviceUnavailable
 from .modbus import ModbusBus, hex_bytes
-from .serial_line import char_time_s, modbus_rtu_silence_s
+from .serial_line import char_time_s, modbus_rtu_silence_s, open_failure
 
 if TYPE_CHECKING:
     from lmt.config.agent import Line
@@ -76,19 +77,9 @@ def answer_size(request: bytes) -> int | None:
 
 
 def open_error(port: str, exc: BaseException) -> str:
-    """One sentence saying why ``port`` could not be opened, and what to do about it."""
-    code = getattr(exc, "errno", None)
-    if code is None and isinstance(exc.__context__, OSError):
-        code = exc.__context__.errno
-    if code == errno.ENOENT or (code is None and not os.path.exists(port)):
-        return (f"no such serial port {port} (is the adapter plugged in? "
-                "ls /dev/serial/by-id/ lists the ones present)")
-    if code in (errno.EACCES, errno.EPERM):
-        return (f"permission denied on {port}: add the agent's user to the 'dialout' group "
-                "(sudo usermod -aG dialout <user>, then log in again)")
-    if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY):
-        return f"serial port {port} is busy: another program holds it (fuser -v {port} shows which)"
-    return f"cannot open serial port {port}: {exc}"
+    """One sentence saying why ``port`` could not be opened, and what to do about it (its cause:
+    :func:`~lmt.drivers.serial_line.open_failure`)."""
+    return open_failure(port, exc)[0]
 
 
 class ModbusRtuBus(ModbusBus):
@@ -140,22 +131,22 @@ class ModbusRtuBus(ModbusBus):
             reconnect_delay=0, trace_packet=self._trace_packet, trace_pdu=self._trace_pdu,
             trace_connect=self._trace_connect)
 
-    def _probe(self) -> str | None:
+    def _probe(self) -> tuple[str, Cause] | None:
         """Open and configure the port as pymodbus will, then close it; the reason it cannot be
-        used, or None. (pymodbus logs open errors and returns False, and a ``termios.error``
-        while configuring escapes it with the port left open and locked.)"""
+        used and its cause, or None. (pymodbus logs open errors and returns False, and a
+        ``termios.error`` while configuring escapes it with the port left open and locked.)"""
         try:
             probe = serial.Serial(self.port, baudrate=self.baud, bytesize=self.byte_size,
                                   parity=self.parity, stopbits=self.stop_bits, exclusive=True,
                                   timeout=0)
         except (serial.SerialException, OSError) as exc:
-            return open_error(self.port, exc)
+            return open_failure(self.port, exc)
         except termios.error as exc:
-            return self._settings_error(exc)
+            return self._settings_error(exc), "other"
         try:
             probe.timeout = 0.1  # pymodbus's second configuration of the port
         except (termios.error, serial.SerialException, OSError) as exc:
-            return self._settings_error(exc)
+            return self._settings_error(exc), "other"
         finally:
             probe.close()
         return None
@@ -170,11 +161,15 @@ class ModbusRtuBus(ModbusBus):
 
     async def ensure_connected(self) -> ModbusBaseClient:
         if (self._client is None or not self._client.connected) and (why := self._probe()):
-            raise DeviceUnavailable(self.name, why)
+            raise DeviceUnavailable(self.name, *why)
         return await super().ensure_connected()
 
-    async def _connect_failed(self) -> str:
-        return self._probe() or f"cannot open serial port {self.port}"
+    def _connect_error(self, exc: BaseException) -> tuple[str, Cause]:
+        # pymodbus opens the port itself: an error there is one of opening it
+        return f"cannot connect: {exc}", open_failure(self.port, exc)[1]
+
+    async def _connect_failed(self) -> tuple[str, Cause]:
+        return self._probe() or (f"cannot open serial port {self.port}", "other")
 
     async def _before_request(self) -> None:
         # The line must have been silent for 3.5 character times before a new frame, and
@@ -218,16 +213,17 @@ class ModbusRtuBus(ModbusBus):
     def _close_after_failure(self) -> bool:
         return False  # one device not answering leaves the line usable for the others
 
-    def _no_answer(self, exc: ModbusException) -> str:
+    def _no_answer(self, exc: ModbusException) -> tuple[str, Cause]:
         rx, req = bytes(self._answer), self._request
-        if self._lost:
-            return f"serial port {self.port} went away"
+        if self._lost:  # the port itself failed (adapter unplugged): the way to the device
+            return f"serial port {self.port} went away", "connect"
         if not rx:
-            return f"no answer within {self.timeout_s:g} s"
+            return f"no answer within {self.timeout_s:g} s", "no_answer"
         if len(rx) >= 4 and req and rx[0] == req[0] and rx[1] & 0x7F == req[1]:
             size = 5 if rx[1] & 0x80 else answer_size(req) or len(rx)
             if len(rx) < size:
-                return f"incomplete answer ({len(rx)} of {size} bytes: {hex_bytes(rx)})"
+                return f"incomplete answer ({len(rx)} of {size} bytes: {hex_bytes(rx)})", "garbled"
             if crc16(rx[: size - 2]) != rx[size - 2: size]:
-                return f"CRC error in the answer ({size} bytes: {hex_bytes(rx[:size])})"
-        return f"garbled answer ({len(rx)} bytes: {hex_bytes(rx)})"
+                return (f"CRC error in the answer ({size} bytes: {hex_bytes(rx[:size])})",
+                        "garbled")
+        return f"garbled answer ({len(rx)} bytes: {hex_bytes(rx)})", "garbled"

@@ -15,7 +15,9 @@ passes a *reader* callback that says when the bytes received so far hold a compl
 * maps every failure to a typed :class:`~lmt.drivers.errors.DeviceUnavailable` that says what to
   do: a missing port, a permission problem (the ``dialout`` group), a port held by another
   program, an answer that never came or never completed, a line that never falls silent
-  (:class:`NoisyLine`).
+  (:class:`NoisyLine`); its ``cause`` says which for the code (``no_such_port``,
+  ``permission``, ``busy``, ``no_answer``, ``garbled``; ``connect`` when the port fails under
+  a transaction, ``other`` when it cannot be configured).
 
 The character time is ``(1 start + byte_size + parity bits + stop_bits) / baud`` seconds.
 A request's transmission time is estimated from it, and the answer timeout runs from the
@@ -24,7 +26,7 @@ estimated end of transmission, so a long request at 1200 bit/s does not eat the 
 Some RS-485 adapters hear their own transmitter: the request comes back before the answer.
 The reader sees it (a DL/T 645 reader skips frames that are not replies); when nothing but
 that echo came back, the timeout says *no answer … (only the echo of the request came back)*,
-not noise.
+not noise (cause ``no_answer``).
 
 Once bytes arrive, the wait goes on while they keep coming (an answer still on the wire), but
 never beyond a hard limit: the timeout plus the wire time of the longest answer
@@ -43,11 +45,11 @@ import os
 import termios
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import serial
 
-from .errors import DeviceUnavailable
+from .errors import Cause, DeviceUnavailable
 
 if TYPE_CHECKING:
     from lmt.config.agent import Line
@@ -70,7 +72,28 @@ MAX_ANSWER_BYTES = 300
 class NoisyLine(DeviceUnavailable):
     """The line carries noise, not answers: bytes kept arriving until the hard limit with no
     complete answer among them (raised by :meth:`SerialLine.transact`; the field tools' scan
-    raises it too when every address it tries gets a broken frame)."""
+    raises it too when every address it tries gets a broken frame). Cause ``garbled``."""
+
+    default_cause: ClassVar[Cause] = "garbled"
+
+
+def open_failure(port: str, exc: BaseException) -> tuple[str, Cause]:
+    """Why ``port`` could not be opened, in one sentence that says what to do, and its cause
+    (``no_such_port``, ``permission``, ``busy`` or ``other``). Shared by :class:`SerialLine`
+    and the Modbus RTU bus, which open ports alike."""
+    code = getattr(exc, "errno", None)
+    if code is None and isinstance(exc.__context__, OSError):
+        code = exc.__context__.errno
+    if code == errno.ENOENT or (code is None and not os.path.exists(port)):
+        return (f"no such serial port {port} (is the adapter plugged in? "
+                "ls /dev/serial/by-id/ lists the ones present)"), "no_such_port"
+    if code in (errno.EACCES, errno.EPERM):
+        return (f"permission denied on {port}: add the agent's user to the 'dialout' group "
+                "(sudo usermod -aG dialout <user>, then log in again)"), "permission"
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY):
+        return (f"serial port {port} is busy: another program holds it "
+                f"(fuser -v {port} shows which)"), "busy"
+    return f"cannot open serial port {port}: {exc}", "other"
 
 
 def char_time_s(baud: int, byte_size: int = 8, parity: str = "N", stop_bits: int = 1) -> float:
@@ -174,24 +197,14 @@ class SerialLine:
                                     parity=serial.PARITY_NONE, stopbits=self.stop_bits,
                                     timeout=0, write_timeout=None, exclusive=True)
         except (serial.SerialException, OSError) as exc:
-            raise DeviceUnavailable(self.name, self._open_error(exc)) from exc
+            message, cause = open_failure(self.port, exc)
+            raise DeviceUnavailable(self.name, message, cause) from exc
         self._serial = ser
         self._idle_since = time.monotonic()
 
     def _open_error(self, exc: BaseException) -> str:
-        code = getattr(exc, "errno", None)
-        if code is None and isinstance(exc.__context__, OSError):
-            code = exc.__context__.errno
-        if code == errno.ENOENT or (code is None and not os.path.exists(self.port)):
-            return (f"no such serial port {self.port} (is the adapter plugged in? "
-                    "ls /dev/serial/by-id/ lists the ones present)")
-        if code in (errno.EACCES, errno.EPERM):
-            return (f"permission denied on {self.port}: add the agent's user to the 'dialout' "
-                    "group (sudo usermod -aG dialout <user>, then log in again)")
-        if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY):
-            return (f"serial port {self.port} is busy: another program holds it "
-                    "(fuser -v " + self.port + " shows which)")
-        return f"cannot open serial port {self.port}: {exc}"
+        """Why the port could not be opened (the sentence of :func:`open_failure`)."""
+        return open_failure(self.port, exc)[0]
 
     def close(self) -> None:
         ser, self._serial = self._serial, None
@@ -203,9 +216,10 @@ class SerialLine:
             ser.close()
 
     def _fail(self, message: str, exc: BaseException | None = None) -> DeviceUnavailable:
-        """The port broke (adapter unplugged...): close it so the next transaction reopens."""
+        """The port broke (adapter unplugged...): close it so the next transaction reopens.
+        Cause ``connect``: the way to the device is gone, whatever it would have answered."""
         self.close()
-        return DeviceUnavailable(self.name, message)
+        return DeviceUnavailable(self.name, message, "connect")
 
     # -- transactions ------------------------------------------------------------------------
 
@@ -347,7 +361,7 @@ class SerialLine:
                             raise NoisyLine(self.name, self._noise_message(
                                 hard_limit, received[0], buf))
                         raise DeviceUnavailable(self.name,
-                                                self._timeout_message(timeout, buf, request))
+                                                *self._timeout_failure(timeout, buf, request))
                     try:
                         n = await asyncio.wait_for(asyncio.shield(done), remaining)
                     except TimeoutError:
@@ -370,16 +384,20 @@ class SerialLine:
     def _shown(buf: bytearray) -> str:
         return buf[:_HEX_SHOWN].hex(" ").upper() + (" …" if len(buf) > _HEX_SHOWN else "")
 
-    def _timeout_message(self, timeout: float, buf: bytearray, request: bytes = b"") -> str:
+    def _timeout_failure(self, timeout: float, buf: bytearray, request: bytes = b""
+                         ) -> tuple[str, Cause]:
+        """Why the wait for an answer ended at the timeout, and its cause: nothing or only our
+        own echo came back (``no_answer``), or bytes that never made a complete answer
+        (``garbled``)."""
         if not buf:
-            return f"no answer within {timeout:g} s on {self.port}"
+            return f"no answer within {timeout:g} s on {self.port}", "no_answer"
         if request and request.startswith(bytes(buf)):
             # An RS-485 adapter that hears its own transmitter: our request, nothing else.
             return (f"no answer within {timeout:g} s on {self.port} (only the echo of the "
-                    "request came back)")
+                    "request came back)"), "no_answer"
         return (f"no complete answer within {timeout:g} s on {self.port}: {len(buf)} bytes of "
                 f"noise or a cut-off frame ({self._shown(buf)}); check baud rate, parity and "
-                "wiring (A/B)")
+                "wiring (A/B)"), "garbled"
 
     def _noise_message(self, limit: float, received: int, buf: bytearray) -> str:
         return (f"no complete answer within {limit:.2g} s on {self.port}: the line never fell "
