@@ -49,6 +49,9 @@ class Faults(_Strict):
     delay_s: float = Field(default=0.0, ge=0, le=60, description="slow device: answer this late")
     drop_rate: float = Field(default=0.0, ge=0, le=1,
                              description="TCP: close the connection instead of answering")
+    frozen: bool = Field(default=False,
+                         description="registers stop changing: every read answers the values "
+                                     "of the moment it was switched on (writes still act)")
 
 
 class SimLine(_Strict):

@@ -53,6 +53,11 @@ share of requests, the first fault that fires decides, in this order):
   crc_error_rate   serial lines only: the answer's CRC / checksum is wrong
   garbage_rate     random bytes instead of the answer
   delay_s          answer this many seconds late
+  frozen           decides nothing, changes what answers carry: every read
+                   (Modbus registers and coils, every DL/T 645 data identifier)
+                   answers the values of the moment it was switched on, while
+                   the model goes on; writes still act (a frozen relay module
+                   switches its load, but reads back its old state)
 Change them while running (--control-port N):
   python -m lmt.firmware_sim.control N '{"device": "meter-b", "faults": {"offline": true}}'
 """

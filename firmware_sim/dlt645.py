@@ -39,10 +39,14 @@ first that fires decides): ``offline`` and ``no_answer_rate`` (the request is no
 byte, e.g. 4 = not authorised; the request is not carried out), ``crc_error_rate`` (the
 request is carried out, the reply's checksum is off by one), ``garbage_rate`` (carried out,
 random bytes instead of the reply), ``delay_s`` (answer late); ``drop_rate`` does not apply to
-a serial line. A site passes its own injectors (``injectors``), so that its ``set_faults``, the
-control channel and the per-device statistics cover DL/T 645 meters too. A late reply is
-dropped when the next request arrives before it went out: the meter does not talk over the
-master.
+a serial line. ``frozen`` (a hung metering chip): every read answers, for every data identifier
+(measurements, status word 3, date and time, raw data), what it had when the fault was switched
+on (or when the line started, for a meter frozen before); the model, the meter clock and the
+relay go on underneath, and a ``1C`` still acts (a trip opens the relay; status word 3 goes on
+reading the old state). A site passes its own injectors (``injectors``), so that its
+``set_faults``, the control channel and the per-device statistics cover DL/T 645 meters too. A
+late reply is dropped when the next request arrives before it went out: the meter does not talk
+over the master.
 
 Replies go out after ``response_delay_s`` plus their transmission time at the line's baud rate
 (``line_settings``; DL/T 645 default 2400 bit/s 8E1), so timing looks like a real line
@@ -62,6 +66,7 @@ import tty
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from lmt.config.profiles import Point, Profile, load_profile
@@ -175,6 +180,16 @@ def _time_from(data: bytes) -> datetime:
 # -- meters ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Readings:
+    """What a meter's read answers are made of, as of one moment: a frozen meter's snapshot."""
+
+    values: Mapping[str, float]
+    status_word3: int
+    now: datetime
+    raw: Mapping[str, bytes]
+
+
 @dataclass
 class _Meter:
     address: str
@@ -192,6 +207,7 @@ class _Meter:
     clock_offset_s: float = 0.0
     raw: dict[str, bytes] = field(default_factory=dict)
     follow: tuple[str, list[bytes], int] | None = None  # DI, chunks still to send, next number
+    snapshot: _Readings | None = None  # while ``frozen``: what every read answers
 
     @property
     def faults(self) -> Faults:
@@ -251,8 +267,10 @@ class Dlt645Line:
                 by_di.setdefault(p.di.upper(), []).append(p)
             injector = (injectors or {}).get(address) \
                 or FaultInjector(Faults(), f"{seed}:{address}")
-            self._meters[address] = _Meter(address, prof, q, by_di, injector,
-                                           password=password, level=password_level)
+            meter = _Meter(address, prof, q, by_di, injector, password=password,
+                           level=password_level)
+            self._meters[address] = meter
+            injector.on_frozen(partial(self._frozen_changed, meter))
         for address, f in (faults or {}).items():
             self.set_faults(address, f)
         self._master: int | None = None
@@ -285,6 +303,8 @@ class Dlt645Line:
             link.symlink_to(self.device_path)
             self._link = link
         self._loop.add_reader(master, self._on_readable)
+        for m in self._meters.values():  # frozen before the line was served: from now
+            m.snapshot = self._readings(m) if m.faults.frozen else None
         _log.debug("DL/T 645 line on %s (%s) with meters %s", self.device_path,
                    self._link or "no link", ", ".join(self._meters))
         return self.device_path
@@ -341,6 +361,14 @@ class Dlt645Line:
 
     def faults(self, address: str) -> Faults:
         return self._meter(address).faults
+
+    def _frozen_changed(self, m: _Meter, frozen: bool) -> None:
+        """``frozen`` was switched on (snapshot now, if the line is served) or off."""
+        m.snapshot = self._readings(m) if frozen and self.running else None
+
+    def _readings(self, m: _Meter) -> _Readings:
+        return _Readings(self._values(m), m.status_word3(), self.meter_time(m.address),
+                         dict(m.raw))
 
     def set_password(self, address: str, password: str, level: int = 2) -> None:
         m = self._meter(address)
@@ -498,22 +526,36 @@ class Dlt645Line:
                                                                               0.0)
         return q
 
+    def _frozen(self, m: _Meter) -> _Readings | None:
+        """A frozen meter's snapshot (taken now if it has none yet); None while live."""
+        if not m.faults.frozen:
+            return None
+        if m.snapshot is None:
+            m.snapshot = self._readings(m)
+        return m.snapshot
+
     def _data(self, m: _Meter, di: str) -> bytes | None:
-        if di in m.raw:
-            return m.raw[di]
+        """What a read of ``di`` answers (before the 0x33 offset), None for no such data; a
+        frozen meter answers from its snapshot."""
+        frozen = self._frozen(m)
+        raw = m.raw if frozen is None else frozen.raw
+        if di in raw:
+            return raw[di]
         if di in m.by_di:
             members = m.by_di[di]
+            values = self._values(m) if frozen is None else frozen.values
             if len(members) == 1 and not members[0].byte_offset:
-                return encode_point(lookup(self._values(m), members[0].name), members[0])
-            values = self._values(m)  # several points in one DI: each at its byte offset
+                return encode_point(lookup(values, members[0].name), members[0])
+            # several points in one DI: each at its byte offset
             out = bytearray(max(p.byte_offset + p.dlt_bytes for p in members))
             for p in members:
                 out[p.byte_offset:p.byte_offset + p.dlt_bytes] = encode_point(lookup(values, p.name), p)
             return bytes(out)
         if di == DI_STATUS_WORD_3:
-            return m.status_word3().to_bytes(2, "little")
+            word = m.status_word3() if frozen is None else frozen.status_word3
+            return word.to_bytes(2, "little")
         if di in (DI_DATE, DI_TIME):
-            now = self.meter_time(m.address)
+            now = self.meter_time(m.address) if frozen is None else frozen.now
             fields: tuple[int, ...]
             if di == DI_DATE:
                 fields = ((now.weekday() + 1) % 7, now.day, now.month, now.year % 100)  # 0 = Sunday
@@ -523,17 +565,17 @@ class Dlt645Line:
         if di == DI_ADDRESS:
             return bytes.fromhex(m.address)[::-1]
         if "FF" in (di[0:2], di[2:4], di[4:6], di[6:8]):
-            return self._block(m, di)
+            return self._block(m, di, frozen)
         return None
 
-    def _block(self, m: _Meter, di: str) -> bytes | None:
+    def _block(self, m: _Meter, di: str, frozen: _Readings | None) -> bytes | None:
         """A block read: the DI's FF byte runs over the points that match the other bytes."""
         k = next(i for i in range(0, 8, 2) if di[i:i + 2] == "FF")
         members = sorted((d for d in m.by_di if d[:k] == di[:k] and d[k + 2:] == di[k + 2:]),
                          key=lambda d: d[k:k + 2])
         if not members:
             return None
-        values = self._values(m)
+        values = self._values(m) if frozen is None else frozen.values
         return b"".join(encode_point(lookup(values, m.by_di[d][0].name), m.by_di[d][0])
                         for d in members)
 

@@ -20,12 +20,20 @@ For each request, in this order (the first that fires decides):
 ``delay_s`` delays everything but silence: the device answers (or drops) that much later.
 ``drop_rate`` is ignored on serial lines (no connection to close) and ``crc_error_rate`` over
 TCP (TCP has no CRC; its checksums live below Modbus).
+
+``frozen`` decides no outcome: it changes what an answer carries (a frozen register, a hung
+metering chip). While it is on, every read answers the values the device had when it was
+switched on, whatever else fires (a CRC error carries them too); the model goes on underneath
+and writes still act on the real state. The injector only tells the device when ``frozen``
+changes (:meth:`FaultInjector.on_frozen`); the device keeps the snapshot itself, where its
+answers are made.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -73,6 +81,7 @@ class FaultInjector:
         self._rng = random.Random(str(seed))
         #: How many requests got each outcome.
         self.counts: Counter[Outcome] = Counter()
+        self._frozen_listeners: list[Callable[[bool], None]] = []
 
     @property
     def faults(self) -> Faults:
@@ -80,7 +89,21 @@ class FaultInjector:
 
     @faults.setter
     def faults(self, faults: Faults) -> None:
+        was_frozen = self._faults.frozen
         self._faults = faults
+        if faults.frozen != was_frozen:
+            for callback in list(self._frozen_listeners):
+                callback(faults.frozen)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether reads answer the snapshot of the moment ``frozen`` was switched on."""
+        return self._faults.frozen
+
+    def on_frozen(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(frozen)`` whenever new faults switch ``frozen`` on or off (the device
+        takes its snapshot then, or drops it)."""
+        self._frozen_listeners.append(callback)
 
     @property
     def active(self) -> bool:

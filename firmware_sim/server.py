@@ -18,6 +18,13 @@ answered is decoded with pymodbus's request classes and executed on the device's
 and the RTU line loop (:mod:`~lmt.firmware_sim.rtu`) are ours, not pymodbus's servers, so that
 faults can be injected per device and per request.
 
+A ``frozen`` device (:class:`~lmt.config.site.Faults`) keeps a snapshot of its four tables,
+taken when the fault is switched on (or when the site starts, for one frozen in the site file):
+as a read would have answered every address at that moment. Requests still run on the live
+datastore (the access hook, the model's energy integration, writes: a relay module switches its
+load), and :meth:`_Device.frozen_answer` then puts the snapshot's values into the answer to a
+read, coils and discrete inputs included: a frozen relay module reads back its old states.
+
 Points whose registers overlap must be bit fields (``bit = N``) of the same status word(s):
 they are served as one merged cell, composed from the model on every read (each point sets
 its own bit); a write of the register is decoded per bit, and only the writable bits keep what
@@ -56,8 +63,10 @@ from pymodbus.pdu.bit_message import (
     ReadDiscreteInputsRequest,
     WriteSingleCoilRequest,
 )
+from pymodbus.pdu.register_message import ReadWriteMultipleRegistersRequest
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
+from pymodbus.simulator.simruntime import SimRuntime
 
 from lmt.config.profiles import Point, Profile, Table, load_profile
 from lmt.config.site import Faults, SimLoad, SiteConfig, load_site
@@ -82,6 +91,11 @@ _FC_TABLE: dict[int, Table] = {
 }
 _REGISTER_READS = frozenset({3, 4, 23})
 _TABLES = (Table.COIL, Table.DISCRETE, Table.HOLDING, Table.INPUT)  # SimDevice tuple order
+_BLOCK_KEYS = ("c", "d", "h", "i")  # pymodbus's SimRuntime blocks, in the same order
+
+# A frozen device's snapshot: per table, (first address of the block, its words). The bit
+# tables' blocks are in 16-bit words too (bit a is bit a % 16 of word a // 16).
+_Snapshot = dict[Table, tuple[int, list[int]]]
 
 _COIL_ON = 0xFF00
 _COIL_OFF = 0x0000
@@ -228,6 +242,11 @@ class _Device:
         self.refresh: dict[Table, list[_Cell]] = {
             t: [c for c in cells if c.merged or any(p.name in self.live for p in c.points)]
             for t, cells in self.cells.items()}
+        # The datastore this device is served from (set when its bus starts), and while the
+        # ``frozen`` fault is on, what every read answers.
+        self.runtime: SimRuntime | None = None
+        self._snapshot: _Snapshot | None = None
+        faults.on_frozen(self._frozen_changed)
 
     def bits_answer(self, table: Table, address: int, count: int) -> bool:
         answering = self.answering[table]
@@ -299,6 +318,55 @@ class _Device:
             raise ValueError(f"device {self.name!r} (profile {self.profile.id!r}): {exc}") \
                 from exc
 
+    # -- the frozen fault ----------------------------------------------------------------------
+
+    def attach(self, runtime: SimRuntime) -> None:
+        """Serve from ``runtime`` (a bus has started); a device frozen already is snapshotted
+        now."""
+        self.runtime = runtime
+        self._snapshot = self._take_snapshot() if self.faults.frozen else None
+
+    def _frozen_changed(self, frozen: bool) -> None:
+        self._snapshot = self._take_snapshot() if frozen else None
+
+    def _take_snapshot(self) -> _Snapshot | None:
+        """Every table as a read would answer it now (None: not served yet). Live registers are
+        composed from the model's quantities at this moment (energy as of the last sample,
+        without advancing it); everything else is what the datastore holds."""
+        if self.runtime is None:
+            return None
+        quantities = self.site.physics.quantities(self.site.clock())
+        snapshot: _Snapshot = {}
+        for table, key in zip(_TABLES, _BLOCK_KEYS, strict=True):
+            start, _, registers, _ = self.runtime.block[key]
+            words = list(registers)
+            for cell in self.refresh.get(table, ()):
+                i = cell.address - start
+                words[i:i + cell.size] = self._compose(cell, quantities, words[i:i + cell.size])
+            snapshot[table] = (start, words)
+        return snapshot
+
+    def frozen_answer(self, request: ModbusPDU, response: ModbusPDU) -> None:
+        """While ``frozen``: give the answer to a read the snapshot's values for the addresses it
+        asked (an exception, or the answer to a write, stays as it is: the write took effect)."""
+        function = response.function_code
+        if function not in (1, 2, 3, 4, 23) or isinstance(response, ExceptionResponse):
+            return
+        if self._snapshot is None:  # frozen before the bus was served: from its first read
+            self._snapshot = self._take_snapshot()
+            if self._snapshot is None:
+                return
+        start, words = self._snapshot[_FC_TABLE[function]]
+        if function in (1, 2):
+            response.bits = [bool((words[a // 16 - start] >> (a % 16)) & 1)
+                             for a in range(request.address, request.address + request.count)]
+            return
+        if isinstance(request, ReadWriteMultipleRegistersRequest):
+            address, count = request.read_address, request.read_count
+        else:
+            address, count = request.address, request.count
+        response.registers = words[address - start:address - start + count]
+
     # -- access hook -------------------------------------------------------------------------
 
     async def action(self, function_code: int, start_address: int, address: int, count: int,
@@ -367,6 +435,8 @@ class _BusCore(SimCore):
     def __init__(self, devices: list[_Device]) -> None:
         super().__init__([d.simdevice() for d in devices])
         self.by_id = {d.device_id: d for d in devices}
+        for d in devices:
+            d.attach(self.devices[d.device_id])
 
     def bits_answer(self, device_id: int, table: Table, address: int, count: int) -> bool:
         device = self.by_id.get(device_id)
@@ -621,6 +691,9 @@ class SimulatedSite:
             # pymodbus annotates the context as a ModbusServerContext; its own server, like
             # this one, passes its SimCore datastore
             response = await pdu.datastore_update(core, device_id)  # type: ignore[arg-type]
+            device = core.by_id.get(device_id)
+            if device is not None and device.faults.frozen:
+                device.frozen_answer(pdu, response)
             return bytes([response.function_code]) + response.encode()
         except Exception:
             _log.exception("device id %d: request %s failed", device_id, request.hex(" "))

@@ -1,5 +1,6 @@
 """Fault injection over Modbus TCP, seen by a hand-written client on a real socket: set from the
-site file, with ``SimulatedSite.set_faults`` and at runtime through the control channel."""
+site file, with ``SimulatedSite.set_faults`` and at runtime through the control channel. The
+``frozen`` fault is also seen over a Modbus RTU line and on DL/T 645 meters (pseudo-terminals)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from lmt.firmware_sim import SimulatedSite, run_site
 from lmt.firmware_sim.cli import main as sim_main
 from lmt.firmware_sim.control import ControlServer, request, request_async
 from lmt.firmware_sim.faults import FaultInjector, Outcome
+from tests.firmware_sim.test_field_site import Field, with_field
+from tests.firmware_sim.test_rtu import RawRtu, rtu_config
+from tests.firmware_sim.test_rtu import crc16 as rtu_crc16
+from tests.firmware_sim.test_rtu import frame as rtu_frame
 
 DEMO_SITE = Path(lmt.config.__file__).parent / "examples" / "demo-site.toml"
 T0 = 1_750_000_000.0
@@ -350,3 +355,147 @@ def test_run_site_with_a_control_port(tmp_path: Path) -> None:
 def test_lmt_sim_checks_the_control_port(capsys: pytest.CaptureFixture[str]) -> None:
     assert sim_main([str(DEMO_SITE), "--control-port", "70000"]) == 2
     assert "--control-port must be 0-65535" in capsys.readouterr().err
+
+
+# -- frozen: reads answer a snapshot while the model goes on underneath --------------------------
+
+READ_PHASES = struct.pack(">BHH", 4, 0, 0x12)  # voltages, currents and powers of the 3 phases
+CHILLER_1_OFF = struct.pack(">BHH", 5, 0, 0x0000)  # relay_1: chiller-1, 30 kW
+
+
+def _power_w(answer: bytes) -> float:
+    """power_w from the answer to READ_POWER (function, byte count, a float32)."""
+    return float(struct.unpack(">f", answer[2:6])[0])
+
+
+@pytest.mark.parametrize("how", ["set_faults", "control"])
+def test_a_frozen_meter_answers_its_snapshot_while_the_model_goes_on(running: RunningSite,
+                                                                      how: str) -> None:
+    site = running.site
+
+    def freeze(on: bool) -> None:
+        if how == "set_faults":
+            site.set_faults("main-meter", Faults(frozen=on))
+        else:
+            answer = request(running.control_port, {"device": "main-meter",
+                                                    "faults": {"frozen": on} if on else {}})
+            assert answer["ok"] is True and answer["faults"]["frozen"] is on
+        assert site.faults("main-meter").frozen is on
+
+    with client(running.port) as c:
+        live, phases = c.transact(METER, READ_POWER), c.transact(METER, READ_PHASES)
+        assert _power_w(live) == pytest.approx(site.site_power_kw() * 1000, rel=1e-6)
+        freeze(True)
+        c.transact(RELAYS, CHILLER_1_OFF)  # the relay module is not frozen: the load goes off
+        assert site.loads_on()["chiller-1"] is False
+        assert site.site_power_kw() * 1000 == pytest.approx(_power_w(live) - 30_000, rel=1e-6)
+        for _ in range(3):  # the meter keeps answering, the same values
+            assert c.transact(METER, READ_POWER) == live
+            assert c.transact(METER, READ_PHASES) == phases
+        freeze(False)  # live again
+        thawed = c.transact(METER, READ_POWER)
+        assert _power_w(thawed) == pytest.approx(site.site_power_kw() * 1000, rel=1e-6)
+        assert _power_w(thawed) == pytest.approx(_power_w(live) - 30_000, rel=1e-6)
+        assert c.transact(METER, READ_PHASES) != phases
+        # frozen again: a new snapshot, of the values now
+        freeze(True)
+        c.transact(RELAYS, struct.pack(">BHH", 5, 0, 0xFF00))
+        assert site.loads_on()["chiller-1"] is True
+        assert c.transact(METER, READ_POWER) == thawed
+    assert request(running.control_port, {"get": "faults"})["faults"]["main-meter"]["frozen"] \
+        is True
+
+
+def test_a_frozen_relay_module_switches_but_reads_back_its_old_state(running: RunningSite) -> None:
+    site = running.site
+    with client(running.port) as c:
+        assert c.transact(RELAYS, READ_RELAYS)[2] == 0b0111_1111
+        meter = c.transact(METER, READ_POWER)
+        site.set_faults("relays", Faults(frozen=True))
+        # the write takes effect and its answer echoes it; reads give the state at the freeze
+        assert c.transact(RELAYS, struct.pack(">BHH", 5, 3, 0)) == bytes([5, 0, 3, 0, 0])
+        assert c.transact(RELAYS, struct.pack(">BHHBB", 15, 4, 2, 1, 0)) == bytes([15, 0, 4, 0, 2])
+        assert [(w.point, w.value) for w in site.coil_writes["relays"]] == [
+            ("relay_4", False), ("relay_5", False), ("relay_6", False)]
+        assert not any(site.loads_on()[n] for n in ("ev-chargers", "water-heater",
+                                                   "hall-b-lighting"))
+        assert c.transact(RELAYS, READ_RELAYS)[2] == 0b0111_1111
+        assert c.transact(RELAYS, struct.pack(">BHH", 1, 3, 1))[2] == 1  # relay_4 alone
+        # the meter is not frozen: it measures the loads gone
+        assert _power_w(c.transact(METER, READ_POWER)) == pytest.approx(
+            _power_w(meter) - 42_000, rel=1e-6)
+        site.set_faults("relays", Faults())
+        assert c.transact(RELAYS, READ_RELAYS)[2] == 0b0100_0111
+
+
+def test_a_device_frozen_in_the_site_file_answers_what_it_had_at_start(demo: SiteConfig) -> None:
+    with serving(with_faults(demo, "main-meter", frozen=True)) as rs, client(rs.port) as c:
+        at_start = rs.site.site_power_kw() * 1000
+        c.transact(RELAYS, CHILLER_1_OFF)
+        assert rs.site.site_power_kw() * 1000 == pytest.approx(at_start - 30_000, rel=1e-6)
+        assert _power_w(c.transact(METER, READ_POWER)) == pytest.approx(at_start, rel=1e-6)
+
+
+def test_frozen_over_an_rtu_line() -> None:
+    rs = RunningSite(SimulatedSite(rtu_config(), port=0, clock=lambda: T0), control=True)
+    try:
+        path = rs.site.rtu_lines["rs485"].path
+        assert path is not None
+        m = RawRtu(path)
+        try:
+            live = m.transact(METER, READ_POWER, 6)
+            answer = request(rs.control_port, {"device": "main-meter", "faults": {"frozen": True}})
+            assert answer["ok"] is True
+            assert m.transact(RELAYS, CHILLER_1_OFF, 5) == CHILLER_1_OFF
+            assert rs.site.loads_on()["chiller-1"] is False
+            assert m.transact(METER, READ_POWER, 6) == live
+            # frozen combines with the other faults: a bad CRC around the snapshot
+            rs.site.set_faults("main-meter", Faults(frozen=True, crc_error_rate=1.0))
+            m.send(rtu_frame(METER, READ_POWER))
+            got = m.read(9)
+            assert got[1:-2] == live and rtu_crc16(got[:-2]) != got[-2:]
+            assert request(rs.control_port, {"device": "main-meter", "faults": {}})["ok"]
+            now = m.transact(METER, READ_POWER, 6)
+            assert _power_w(now) == pytest.approx(_power_w(live) - 30_000, rel=1e-6)
+        finally:
+            m.close()
+    finally:
+        rs.stop()
+
+
+def test_frozen_meters_on_the_field_site_dlt645_and_rtu() -> None:
+    async def body(f: Field) -> None:
+        meter, office = f.meters["meter-a"], f.modbus["office-meter"]
+        points = ["power_l1_kw", "voltage_l1_v", "current_l1_a"]
+        dlt_before = await meter.read_points(points)
+        rtu_before = await office.read_points(["power_l1_w", "current_l1_a"])
+        status_before = await meter.read_status_word3()
+        assert not status_before.relay_open
+        answer = await request_async(f.control_port, {"device": "meter-a",
+                                                      "faults": {"frozen": True}})
+        assert answer["ok"] is True
+        f.site.set_faults("office-meter", Faults(frozen=True))
+
+        await f.modbus["relays"].write_point("relay_1", False)  # chiller-1 off, read back
+        q = f.site.physics.quantities(T0)
+        assert q["power_l1_w"] < rtu_before["power_l1_w"] - 5000  # type: ignore[operator]
+        assert await meter.read_points(points) == dlt_before
+        assert await office.read_points(["power_l1_w", "current_l1_a"]) == rtu_before
+        # a 1C still acts on a frozen meter; its status word reads the old state
+        await meter.trip(verify=False)
+        assert not f.site.meter_relay_closed("meter-a")
+        assert await meter.read_status_word3() == status_before
+        assert f.site.dlt645_lines["mains"].faults("202300000001").frozen
+        # meter-b on the same line is live
+        got = await f.meters["meter-b"].read_points(["power_l1_kw"])
+        assert got["power_l1_kw"] == pytest.approx(q["power_l1_w"] / 1000, abs=5e-5)
+
+        await request_async(f.control_port, {"device": "meter-a", "faults": {}})
+        f.site.set_faults("office-meter", Faults())
+        got = await meter.read_points(points)
+        assert got["power_l1_kw"] == pytest.approx(q["power_l1_w"] / 1000, abs=5e-5)
+        assert (await meter.read_status_word3()).relay_open
+        rtu = await office.read_points(["power_l1_w"])
+        assert rtu["power_l1_w"] == pytest.approx(q["power_l1_w"], rel=1e-6)
+        await meter.allow_close()
+    with_field(body)
