@@ -12,6 +12,10 @@ Every refused command gets exactly one ``rejected`` record with the reason the c
 (command_id, reason, data.claimed_id); unauthenticated answers carry command_id null and quote
 the body's id, when readable, as claimed_id.
 
+Before any parse the terminal bounds a message (size, UTF-8, nesting of ``[``/``{`` in the
+envelope and in the body text): breaking a bound is ``malformed``, even for a validly signed
+body, and brackets inside JSON strings do not count.
+
 NaN and infinite times in a validly signed body are refused as invalid (test at the end).
 """
 
@@ -38,7 +42,13 @@ from lmt.agent.broker import Broker
 from lmt.agent.daemon import Agent
 from lmt.agent.messages import MAX_DURATION_S
 from lmt.agent.platform import _Client
-from lmt.agent.security import Refusal, load_private_key, verify_command
+from lmt.agent.security import (
+    MAX_NESTING,
+    MAX_PAYLOAD_BYTES,
+    Refusal,
+    load_private_key,
+    verify_command,
+)
 from lmt.config import load_agent_config
 from tests.agent.harness import AgentThread, write_agent_config
 from tests.conftest import wait_until
@@ -113,6 +123,20 @@ def _not_a_number() -> st.SearchStrategy[Any]:
 def _not_a_string() -> st.SearchStrategy[Any]:
     return (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
             | st.lists(st.text(max_size=3), max_size=3))
+
+
+def _nested(depth: int, kind: str) -> str:
+    """``depth`` nested arrays (``"[]"``) or objects (``"{}"``) as JSON text."""
+    return "[" * depth + "]" * depth if kind == "[]" else '{"a":' * depth + "1" + "}" * depth
+
+
+def _invalid_utf8() -> st.SearchStrategy[bytes]:
+    """A byte sequence that is not UTF-8 wherever it stands: a lone continuation byte, a byte
+    UTF-8 never uses, a surrogate or an overlong form, a lead byte with no continuation."""
+    return st.one_of(st.integers(0x80, 0xBF).map(lambda b: bytes([b])),
+                     st.sampled_from([b"\xc0", b"\xc1", b"\xf5", b"\xff", b"\xed\xa0\x80",
+                                      b"\xc0\xaf", b"\xe0\x80\xaf"]),
+                     st.integers(0xC2, 0xF4).map(lambda b: bytes([b, 0x41])))
 
 
 class Corpus:
@@ -334,6 +358,27 @@ def generated(c: Corpus, site_kw: float) -> None:
     for target in _draw(st.from_regex(ID_RE, fullmatch=True), 12):
         c.refused("unknown-target", c.body("cancel", target=target), "unknown_target")
 
+    # bounds before any parse: nesting in the envelope or the body (signed or not), size, UTF-8
+    nesting = st.tuples(st.sampled_from(["envelope", "body-unsigned", "body-signed"]),
+                        st.sampled_from(["[]", "{}"]), st.integers(MAX_NESTING + 1, 2000))
+    for where, kind, depth in _draw(nesting, 15):
+        deep = _nested(depth, kind)
+        if where == "envelope":
+            env = c.envelope(c.text(c.body())).decode()
+            c.malformed("deep-envelope", env[:-1] + f', "x": {deep}}}')
+        elif where == "body-unsigned":
+            c.malformed("deep-body-unsigned", c.envelope('{"id":"deep-x","x":' + deep + "}",
+                                                         sig="..."))
+        else:
+            c.malformed("deep-body-signed", c.envelope(deep))
+    for size in _draw(st.integers(MAX_PAYLOAD_BYTES + 1, 4 * MAX_PAYLOAD_BYTES), 5):
+        valid = c.signed(c.body())  # a valid command, padded (JSON whitespace) past the bound
+        c.malformed("oversized", valid + b" " * (size - len(valid)))
+    for at, bad in _draw(st.tuples(st.integers(0, 10_000), _invalid_utf8()), 10):
+        valid = c.signed(c.body())
+        i = at % (len(valid) + 1)
+        c.malformed("not-utf8", valid[:i] + bad + valid[i:])
+
     if DR_EVENTS:  # demand-response events whose signal, value or timing break the schema
         floats = st.floats(allow_nan=True)
         dr = st.one_of(
@@ -398,6 +443,22 @@ def hand_written(c: Corpus, harmless: bytes, harmless_id: str) -> list[bytes]:
         ("no-sig", json.dumps({"v": 1, "body": good})), ("body-object", json.dumps(
             dict(env, body=json.loads(good)))), ("extra-key", json.dumps(dict(env, alg="none"))),
         ("bare-body", good),
+        # bounds before any parse (3,000 levels: deeper than Python's recursion limit)
+        ("deep-envelope", json.dumps(env)[:-1] + ', "x": ' + _nested(3000, "[]") + "}"),
+        ("deep-envelope-objects", json.dumps(dict(env, x=0))[:-2] + _nested(2000, "{}") + "}"),
+        ("deep-body-unsigned", '{"v":1,"body":"' + "[" * 3000 + "]" * 3000 + '","sig":"..."}'),
+        ("deep-body-unsigned-objects", c.envelope(_nested(2000, "{}"), sig="...")),
+        ("deep-body-signed", c.envelope("[" * 3000 + "]" * 3000)),
+        ("deep-body-signed-with-id", c.envelope('{"id":"hand-deep","x":' + _nested(3000, "[]")
+                                                + "}")),
+        ("deep-body-escaped", '{"v":1,"body":"' + "\\u005b" * 2000 + "\\u005d" * 2000
+         + '","sig":"..."}'),  # the body's brackets written as JSON escapes in the envelope
+        ("deep-body-33", c.envelope('{"id":"hand-33","x":' + _nested(MAX_NESTING, "[]") + "}")),
+        ("oversized-valid", c.signed(c.body(cid="hand-oversized")) + b" " * MAX_PAYLOAD_BYTES),
+        ("not-utf8-in-body", json.dumps(env).encode().replace(b"hand-good", b"hand-\xff\xfe")),
+        ("not-utf8-end", json.dumps(env).encode() + b"\xc3"),
+        ("not-utf8-surrogate", json.dumps(env).encode().replace(b"hand-good",
+                                                                b"hand-\xed\xa0\x80")),
     ]:
         c.malformed(f"hand-{label}", payload)
 
@@ -476,6 +537,11 @@ def hand_written(c: Corpus, harmless: bytes, harmless_id: str) -> list[bytes]:
             {"round": 1, "action": "trip", "issued_s": 0.0},
             {"round": 1, "action": "close", "issued_s": 0.0}]}), "invalid"),
         ("modes-params-list", b("modes", params=[1]), "invalid"),
+        # brackets, quotes and backslashes inside strings are not nesting: the extra field is
+        # what is wrong; and nesting up to the bound is read
+        ("brackets-in-string", b(note="[" * 3000 + "{" * 3000), "invalid"),
+        ("brackets-escaped-in-string", b(note='\\"[' * 1000 + "\\"), "invalid"),
+        ("nested-32", b(note=json.loads(_nested(MAX_NESTING - 1, "[]"))), "invalid"),
         ("cancel-unknown", b("cancel", target="nothing-active"), "unknown_target"),
         ("cancel-refused-one", b("cancel", target="hand-good"), "unknown_target"),
     ]:
