@@ -21,6 +21,9 @@ Times of the window: ``start + offset`` with ``offset`` drawn uniformly in
 ``end = start + offset + duration_s``. Ends are on time: an active event whose end passes
 between two ticks is reported ``completed`` *at its end*, and no target exists after it.
 
+:class:`DeliveryMeter` meters what an active event delivered: the main-meter power
+integrated over its window, against its baseline (the result of the event's end carries it).
+
 This module may import only the standard library (the control package: numpy, numba, stdlib).
 """
 
@@ -32,13 +35,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from lmt.control.jsonstate import Json
+
 __all__ = [
     "DEFAULT_LEVEL_FRACTIONS",
     "FINAL_STATES",
+    "REGISTER_MIN_WINDOW_S",
     "SIGNALS",
+    "DeliveryMeter",
     "DrEvent",
     "DrScheduler",
     "LikeDaysBaseline",
+    "PowerHistory",
     "Target",
     "Transition",
     "baseline_before",
@@ -562,6 +570,44 @@ def baseline_before(times: Sequence[float], kw: Sequence[float], at: float,
     return sum(vals) / len(vals) if vals else None
 
 
+BASELINE_BUCKETS = 30  # PowerHistory keeps the baseline window in this many buckets
+
+
+@dataclass
+class PowerHistory(Json):
+    """The main-meter power over the baseline window, in :data:`BASELINE_BUCKETS` buckets of
+    ``window_s / BASELINE_BUCKETS`` (at least 1 s): small enough to persist every cycle.
+    ``buckets``: (start, sum of kW, samples). :meth:`mean_before` is the mean of the samples
+    of the buckets that start in ``[at - window_s, at]`` — :func:`baseline_before` with the
+    window's edges on bucket boundaries."""
+
+    window_s: float = 900.0
+    buckets: list[tuple[float, float, int]] = field(default_factory=list)
+
+    @property
+    def bucket_s(self) -> float:
+        return max(1.0, self.window_s / BASELINE_BUCKETS)
+
+    def add(self, now: float, kw: float) -> None:
+        start = math.floor(now / self.bucket_s) * self.bucket_s
+        if self.buckets and self.buckets[-1][0] == start:
+            _, total, n = self.buckets[-1]
+            self.buckets[-1] = (start, total + kw, n + 1)
+        else:
+            self.buckets.append((start, kw, 1))
+        # keep the window (a clock stepped back leaves buckets "from the future": dropped too)
+        self.buckets = [b for b in self.buckets if now - self.window_s - self.bucket_s <= b[0]
+                        <= now]
+
+    def mean_before(self, at: float) -> float | None:
+        total, n = 0.0, 0
+        for start, kw, k in self.buckets:
+            if at - self.window_s <= start <= at:
+                total += kw
+                n += k
+        return total / n if n else None
+
+
 @dataclass(frozen=True)
 class LikeDaysBaseline:
     """Baseline per event interval (kW), before and after the day-of adjustment ``factor``."""
@@ -617,3 +663,88 @@ def delivered_reduction_kw(baseline_kwh: float, metered_kwh: float, duration_s: 
     if duration_s <= 0:
         raise ValueError(f"duration_s must be > 0 s, got {duration_s:g}")
     return (baseline_kwh - metered_kwh) / (duration_s / 3600.0)
+
+
+# -- delivery -----------------------------------------------------------------------------------
+# The import register's difference is used only over a window at least this long: it is a slow
+# point (read every poll.slow_interval_s), so over a short window it says little.
+REGISTER_MIN_WINDOW_S = 900.0
+
+
+@dataclass
+class MeteredWindow(Json):
+    """What one active event has metered so far: energy integrated from the power samples
+    (``kwh`` over ``covered_s``), the import register at the start, and the last sample."""
+
+    start: float
+    start_kwh: float | None = None
+    kwh: float = 0.0
+    covered_s: float = 0.0
+    last_t: float | None = None
+    last_kw: float | None = None
+
+
+@dataclass
+class DeliveryMeter(Json):
+    """The metered delivery of the active DR events (persisted with the supervisor's state).
+
+    :meth:`start` when an event becomes active, :meth:`sample` every cycle with the main-meter
+    power (trapezoids; a gap longer than ``gap_s`` is not bridged, and counts as not covered;
+    nothing past the window's end), :meth:`end` when it ends: baseline and metered energy over
+    the active window and the delivered reduction. The power samples are used unless they
+    cover under 90 % of the window (the agent was down): then the import register's
+    difference, when it was read at both ends, the end was seen live, and the window is at
+    least :data:`REGISTER_MIN_WINDOW_S` long.
+    """
+
+    events: dict[str, MeteredWindow] = field(default_factory=dict)
+
+    def start(self, event_id: str, at: float, now: float, kw: float | None,
+              kwh: float | None) -> None:
+        self.events[event_id] = MeteredWindow(start=at, start_kwh=kwh,
+                                              last_t=None if kw is None else max(at, now),
+                                              last_kw=kw)
+
+    def sample(self, now: float, kw: float | None, ends: Mapping[str, float],
+               gap_s: float) -> None:
+        """``ends``: each event's window end (an event missing from it counts up to now)."""
+        if kw is None:
+            return
+        for event_id, acc in self.events.items():
+            end = ends.get(event_id, now)
+            if acc.last_t is not None and acc.last_kw is not None \
+                    and 0 < now - acc.last_t <= gap_s and acc.last_t < end:
+                dt = min(now, end) - acc.last_t
+                acc.kwh += (acc.last_kw + kw) / 2 * dt / 3600.0
+                acc.covered_s += dt
+            acc.last_t, acc.last_kw = now, kw
+
+    def end(self, event_id: str, at: float, now: float, baseline_kw: float | None,
+            kwh: float | None, gap_s: float) -> dict[str, Any] | None:
+        """The delivery of an event that ended at ``at`` (None when there is nothing to say:
+        no baseline, an empty window, no measurement); the event is forgotten."""
+        acc = self.events.pop(event_id, None)
+        if acc is None:
+            return None
+        duration = at - acc.start
+        if duration <= 0 or baseline_kw is None:
+            return None
+        live = now - at <= gap_s
+        register = (kwh - acc.start_kwh if acc.start_kwh is not None and kwh is not None
+                    and live and duration >= REGISTER_MIN_WINDOW_S else None)
+        coverage = min(1.0, acc.covered_s / duration)
+        if coverage >= 0.9 or (register is None and coverage > 0):
+            metered, method = acc.kwh / coverage, "power samples"
+        elif register is not None:
+            metered, method = register, "energy register"
+        else:
+            return None
+        baseline_kwh = baseline_kw * duration / 3600.0
+        return {"start": round(acc.start, 3), "end": round(at, 3),
+                "register_kwh": None if register is None else round(register, 4),
+                "duration_s": round(duration, 3), "baseline_kw": round(baseline_kw, 3),
+                "baseline_kwh": round(baseline_kwh, 4), "metered_kwh": round(metered, 4),
+                "mean_kw": round(metered / (duration / 3600.0), 3),
+                "delivered_reduction_kw": round(
+                    delivered_reduction_kw(baseline_kwh, metered, duration), 3),
+                "method": method, "coverage": round(coverage, 3)}
