@@ -59,6 +59,10 @@ class Status(_Msg):
                             description="MQTT connection attempt of this session (1, 2, ...): the "
                                         "last will carries the number of the connection it was "
                                         "registered with, like Sparkplug's bdSeq")
+    flags: list[Literal["buffer_unwritable"]] = Field(
+        default_factory=list,
+        description="what is degraded: buffer_unwritable — the buffer file cannot be written "
+                    "(the disk is full): readings wait in memory")
 
 
 class _Seq(_Msg):
@@ -84,7 +88,7 @@ EventType = Literal[
     "device_offline", "device_online", "points_failed", "points_recovered",
     "control_started", "control_ended", "control_record",
     "load_shed", "load_restored", "load_adjusted", "switch_failed", "load_unresponsive",
-    "cap_unmet",
+    "cap_unmet", "control_fault",
     "optout_ignored", "commands_dropped",
     "telemetry_dropped", "buffer_full", "buffer_unwritable", "buffer_writable",
     # terminal control modes: mode_<kind> for kind in lmt.control.modes.KINDS, and the record
@@ -146,6 +150,14 @@ def event_body(type_: EventType, ts: float, data: dict[str, Any] | None = None
     """An events record body: ``{"ts", "type", "data"}``."""
     body = {"ts": ts, "type": type_, "data": {} if data is None else data}
     EventBody.model_validate(body, strict=True)
+    return body
+
+
+def validate_body(stream: str, body: dict[str, Any]) -> dict[str, Any]:
+    """An events or results record body built elsewhere (the control supervisor's records),
+    checked against its model; returned as it is."""
+    model = EventBody if stream == "events" else ResultBody
+    model.model_validate(body, strict=True)
     return body
 
 

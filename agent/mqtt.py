@@ -325,6 +325,11 @@ class MqttLink:
     def publish(self, topic: str, payload: str) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=1)
 
+    def publish_status(self) -> None:
+        """Publish the (retained) status again: something in it changed."""
+        if self.connected:
+            self.client.publish(self.topics.status, self._status(True), qos=1, retain=True)
+
     def stop(self, timeout_s: float = 3.0) -> None:
         """Publish the offline status (retained), then disconnect cleanly."""
         self._stopping.set()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessageInfo
 
-from .buffer import STREAMS, Buffer
+from .outbox import STREAMS, Outbox
 
 Batch = tuple[int, int, str]  # (first seq, last seq, the records as JSON array items)
 
@@ -86,7 +86,7 @@ class StreamCursor:
 class Syncer:
     """The sync's state between broker connections; driven by the agent's sync task."""
 
-    def __init__(self, buffer: Buffer, publish: Callable[[str, Batch, bool], MQTTMessageInfo],
+    def __init__(self, buffer: Outbox, publish: Callable[[str, Batch, bool], MQTTMessageInfo],
                  max_batch: int, max_inflight: int, backlog_rate: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.buffer = buffer

@@ -34,9 +34,9 @@ from common import emit
 from paho.mqtt.enums import CallbackAPIVersion
 
 from lmt.agent.broker import Broker
-from lmt.agent.buffer import Buffer
 from lmt.agent.daemon import Agent
 from lmt.agent.mqtt import MqttLink
+from lmt.agent.outbox import Outbox
 from lmt.agent.security import generate_keypair
 from lmt.config import load_agent_config
 from lmt.config.agent import Sync
@@ -59,7 +59,7 @@ def readings(n: int, t0: float = 1.8e9) -> list[dict]:
 
 # -- 1. ingest ----------------------------------------------------------------------------------
 def ingest_ours(path: Path, rows: list[dict]) -> float:
-    buf = Buffer(path)
+    buf = Outbox.open(path)
     t0 = time.perf_counter()
     for i in range(0, len(rows), DEVICES):
         buf.append("telemetry", rows[i:i + DEVICES])
@@ -112,7 +112,7 @@ def drain_ours(work: Path, port: int, rows: list[dict], sync: Sync) -> float:
     db = work / "drain.sqlite"
     for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         p.unlink(missing_ok=True)
-    buf = Buffer(db)
+    buf = Outbox.open(db)
     for i in range(0, len(rows), 1000):
         buf.append("telemetry", rows[i:i + 1000])
     buf.close()

@@ -6,7 +6,7 @@ Prints one JSON object per line: {"name", "value", "unit", "baseline", "ratio"}.
 Run it with --dir on the storage the buffer will live on (an SD card is what matters: a
 laptop SSD or a tmpfs hides the cost of an fsync). Each round is what the agent does per
 flush interval: one commit of a batch of readings (a three-phase meter and a relay module),
-then one commit of the acknowledgement, both through lmt.agent.buffer.Buffer.
+then one commit of the acknowledgement, both through lmt.agent.outbox.Outbox.
 
 1. Commits per second with the buffer's synchronous=FULL (the baseline is NORMAL, measured side
    by side in the same run).
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import emit
 
-from lmt.agent.buffer import Buffer
+from lmt.agent.outbox import Outbox
 
 METER = ["voltage_l1_v", "voltage_l2_v", "voltage_l3_v", "current_l1_a", "current_l2_a",
          "current_l3_a", "power_l1_w", "power_l2_w", "power_l3_w", "power_w", "frequency_hz",
@@ -45,7 +45,7 @@ def written_bytes() -> int:
 
 def run(folder: Path, synchronous: str, seconds: float) -> tuple[float, float]:
     """(commits per second, bytes written per round)."""
-    buf = Buffer(folder / f"bench-{synchronous.lower()}.sqlite")
+    buf = Outbox.open(folder / f"bench-{synchronous.lower()}.sqlite")
     buf.db.execute(f"PRAGMA synchronous = {synchronous}")
     rounds = 0
     w0, t0 = written_bytes(), time.perf_counter()

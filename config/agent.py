@@ -375,6 +375,17 @@ class Control(_Strict):
                                    description="when a command or event ends, switch back on at "
                                                "most this much rated load per cycle (at least one "
                                                "load): a staggered restore, no rebound spike")
+    response_fraction: float = Field(default=0.3, gt=0, le=1,
+                                     description="a switch whose metered effect on the main "
+                                                 "meter stays under this share of the load's "
+                                                 "rated kW is unresponsive (load_unresponsive)")
+    response_readings: int = Field(default=3, ge=1, le=60,
+                                   description="fresh main-meter readings a switch gets to show "
+                                               "its effect")
+    response_noise_k: float = Field(default=3.0, ge=0,
+                                    description="an expected change within this many standard "
+                                                "deviations of the main meter's noise gives no "
+                                                "verdict")
 
 
 class Dr(_Strict):

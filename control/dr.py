@@ -576,7 +576,7 @@ BASELINE_BUCKETS = 30  # PowerHistory keeps the baseline window in this many buc
 @dataclass
 class PowerHistory(Json):
     """The main-meter power over the baseline window, in :data:`BASELINE_BUCKETS` buckets of
-    ``window_s / BASELINE_BUCKETS`` (at least 1 s): small enough to persist every cycle.
+    ``window_s / BASELINE_BUCKETS``: small enough to persist every cycle.
     ``buckets``: (start, sum of kW, samples). :meth:`mean_before` is the mean of the samples
     of the buckets that start in ``[at - window_s, at]`` — :func:`baseline_before` with the
     window's edges on bucket boundaries."""
@@ -586,7 +586,7 @@ class PowerHistory(Json):
 
     @property
     def bucket_s(self) -> float:
-        return max(1.0, self.window_s / BASELINE_BUCKETS)
+        return self.window_s / BASELINE_BUCKETS
 
     def add(self, now: float, kw: float) -> None:
         start = math.floor(now / self.bucket_s) * self.bucket_s

@@ -731,7 +731,12 @@ class _Cycle:
 
     # -- 3. two-minute records --
     def due_records(self, recent: float | None) -> None:
-        due = [r for r in self.st.records if r["due_t"] <= self.t]
+        def is_due(r: dict[str, Any]) -> bool:
+            # the modes' records follow the wall clock, as the modes do; the others the control
+            # clock
+            return bool(r["due_at"] <= self.now) if "due_at" in r else bool(r["due_t"] <= self.t)
+
+        due = [r for r in self.st.records if is_due(r)]
         if not due:
             return
         kw = None if recent is None else round(recent, 3)
@@ -740,7 +745,7 @@ class _Cycle:
                 self.event("mode_record", **r["data"], power_kw_after_2min=kw)
             else:
                 self.event("control_record", **r["data"], site_kw_after_2min=kw)
-        self.st.records = [r for r in self.st.records if r["due_t"] > self.t]
+        self.st.records = [r for r in self.st.records if not is_due(r)]
 
     # -- 4. requests --
     def request(self, r: Request, inp: Inputs) -> None:
@@ -930,7 +935,7 @@ class _Cycle:
             data = {"round": d.round, "mode": d.mode, "reason": d.reason,
                     "power_kw": None if d.power_kw is None else round(d.power_kw, 3)}
             self.event(f"mode_{d.kind}", **data)
-            st.records.append({"due_t": self.t + cfg.record_after_s, "type": "mode_record",
+            st.records.append({"due_at": self.now + cfg.record_after_s, "type": "mode_record",
                                "data": {"kind": d.kind, **data}})
         held = {cfg.loads[i].name for r in out.tripped for i in cfg.rounds.get(r, ())}
         if set(st.mode_held) - held:
@@ -1282,6 +1287,9 @@ def outcome(config: SupervisorConfig, state: SupervisorState, done: Sequence[Don
     two-minute record, the command's ``executed`` result, and the final result of a command
     whose loads are all back. Call it after every :func:`step`, with an empty ``done`` when
     there was nothing to do. The arguments are not changed."""
+    if not done and state.cycle.executed is None and (state.command is None
+                                                      or state.command.ending is None):
+        return state, []  # nothing was carried out and nothing waits on it
     st = copy.deepcopy(state)
     cycle = _Cycle(config, st, now)
     cfg, t = config, st.clock.t

@@ -32,7 +32,7 @@ import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
 
 from lmt.agent.broker import Broker
-from lmt.agent.buffer import STREAMS, Buffer
+from lmt.agent.outbox import STREAMS, Outbox
 from lmt.agent.platform import StreamTracker
 from tests.agent.harness import write_agent_config
 from tests.conftest import lmt_argv, wait_until
@@ -98,7 +98,7 @@ class Consumer:
 
 
 def last_seqs(db: Path) -> dict[str, int]:
-    buf = Buffer(db)
+    buf = Outbox.open(db)
     try:
         return {s: buf.last_seq(s) for s in STREAMS}
     finally:
@@ -174,7 +174,7 @@ def test_agent_sigkilled_five_times_while_publishing(tmp_path: Path, site: int) 
                                 poll={"interval_s": 0.1}, buffer={"flush_interval_s": 0.1},
                                 sync={"max_batch": 5, "backlog_rate": 0.0})
     db = tmp_path / "buffer.sqlite"
-    buf = Buffer(db)  # a heavy backlog: an hour of a two-device site
+    buf = Outbox.open(db)  # a heavy backlog: an hour of a two-device site
     t0 = time.time() - 3600
     buf.append("telemetry", [{"ts": t0 + i / 2, "device": "main-meter",
                               "values": {"power_w": float(i)}} for i in range(7200)])
@@ -207,7 +207,7 @@ def test_clean_stop_keeps_memory_and_sends_nothing_twice(tmp_path: Path, site: i
                                 poll={"interval_s": 0.1}, buffer={"flush_interval_s": 30.0},
                                 sync={"max_batch": 5, "backlog_rate": 300.0})
     db = tmp_path / "buffer.sqlite"
-    buf = Buffer(db)
+    buf = Outbox.open(db)
     buf.append("telemetry", [{"ts": time.time() - 3600 + i, "device": "main-meter",
                               "values": {"power_w": float(i)}} for i in range(3000)])
     buf.close()
@@ -224,7 +224,7 @@ def test_clean_stop_keeps_memory_and_sends_nothing_twice(tmp_path: Path, site: i
         assert agent.wait(10) == 0
         assert time.monotonic() - t0 < 5.0, "a clean stop took too long"
         assert written(db) > polled_before, "readings held in memory were lost at the stop"
-        buf = Buffer(db)
+        buf = Outbox.open(db)
         try:
             assert buf.delivered_seq("telemetry") < 3000, "the backlog finished: test too slow"
         finally:
@@ -277,7 +277,7 @@ def test_a_failing_sync_stops_the_agent_with_an_error(tmp_path: Path, site: int,
     def broken(*args: object, **kw: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    agent.buffer.pending_batch = broken  # type: ignore[method-assign]
+    agent.outbox.pending_batch = broken  # type: ignore[method-assign]
     runner.thread.join(20)
     assert not runner.thread.is_alive(), "the agent kept running without its sync"
     assert isinstance(runner.error, AgentFailed) and "disk I/O error" in str(runner.error)

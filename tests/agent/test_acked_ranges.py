@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmt.agent.buffer import Buffer
+from lmt.agent.outbox import Outbox
 
 
 def test_ranges_merge_and_move_the_watermark(tmp_path: Path) -> None:
-    buf = Buffer(tmp_path / "b.sqlite")
+    buf = Outbox.open(tmp_path / "b.sqlite")
     buf.append("telemetry", [{"ts": 1.0, "i": i} for i in range(100)])
     assert buf.unacked_ranges("telemetry") == [(1, 100)]
     buf.mark_acked([("telemetry", 81, 90), ("telemetry", 91, 100)])  # live, ahead of backlog
@@ -21,7 +21,7 @@ def test_ranges_merge_and_move_the_watermark(tmp_path: Path) -> None:
     assert buf.unacked_ranges("telemetry") == [(41, 80)]
     buf.close()
 
-    buf = Buffer(tmp_path / "b.sqlite")  # kept across a restart
+    buf = Outbox.open(tmp_path / "b.sqlite")  # kept across a restart
     assert buf.unacked_ranges("telemetry") == [(41, 80)]
     assert [r.seq for r in buf.pending("telemetry", 40, 5, upto_seq=80)] == [41, 42, 43, 44, 45]
     assert [r.seq for r in buf.pending("telemetry", 78, 5, upto_seq=80)] == [79, 80]

@@ -1,11 +1,14 @@
-"""How the agent keeps an adjustable load's state: unknown until read, held until it reads back
-where it was, rewrites that do not count as switches; against the simulated Alfen charger over
-Modbus TCP and a real buffer file."""
+"""An adjustable load in the agent, against the simulated Alfen charger over Modbus TCP and a
+real buffer file: the actuator writes its setpoint register (verified), and a buffer an older
+agent wrote keeps its held loads and their off time. (The rules — unknown until read, held
+until it reads back where it was, rewrites that are no switches — are cycle tables of the
+supervisor: tests/control/test_supervisor.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import math
+import sqlite3
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +19,7 @@ import tomli_w
 from lmt.agent.broker import free_port
 from lmt.agent.daemon import Agent
 from lmt.config import load_agent_config
-from lmt.control import CapParams, decide_cap
+from lmt.control.supervisor import Action
 from tests.agent.harness import write_agent_config
 from tests.conftest import serve_site
 
@@ -39,42 +42,15 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
         try:
             yield a
         finally:
-            a.buffer.close()
+            a.close()
 
 
-def _read(agent: Agent, amps: float) -> None:
-    agent.latest["charger"] = (agent.mono(), {"ev_setpoint_a": amps})
-    agent._sync_load_states({"charger"})
-
-
-def test_unknown_until_read_then_held_until_back_where_it_was(agent: Agent) -> None:
-    st = agent.load_states[0]
-    assert math.isnan(st.setpoint_pct)
-    # not read yet: a cap far below the site touches nothing (it could be idle at 0 A)
-    params = CapParams(cap_kw=10.0, margin_kw=0.0)
-    assert decide_cap(200.0, 0.0, agent.load_specs, agent.load_states, params).steps() == []
-    _read(agent, 32.0)
-    assert st.setpoint_pct == pytest.approx(100.0)
-    assert decide_cap(200.0, 0.0, agent.load_specs, agent.load_states, params).setpoints
-    # held at 99.7 % (a small step down): it stays held; only reading 100 % again ends it
-    st.shed_by_us, st.restore_pct = True, 100.0
-    _read(agent, 31.9)
-    assert st.shed_by_us and st.setpoint_pct == pytest.approx(99.6875)
-    _read(agent, 32.0)
-    assert not st.shed_by_us
-
-
-def test_a_rewrite_is_not_a_switch(agent: Agent) -> None:
+def test_the_actuator_writes_the_setpoint_register(agent: Agent) -> None:
     async def body() -> None:
-        st = agent.load_states[0]
-        _read(agent, 32.0)
-        assert await agent._set(0, 50.0, 120.0, "cap", "c1")
-        assert st.shed_by_us and st.restore_pct == pytest.approx(100.0)
-        switched = st.last_switch_s
-        assert await agent._set(0, 50.0, None, "rewrite", "c1", quiet=True)
-        assert st.last_switch_s == switched  # min_off_s (30 s) still counts from the lowering
-        await agent._rewrite_setpoints("c1")  # within rewrite_s: nothing to do
-        assert agent._last_write[0] >= switched
+        done = await agent.actuator.carry_out([
+            Action("set", 0, "cap", "c1", 120.0, pct=50.0, value=16.0),
+            Action("set", 0, "rewrite", "c1", None, pct=50.0, value=16.0, quiet=True)])
+        assert [d.error for d in done] == [None, None]
         got = await agent.devices["charger"].read_points(["ev_setpoint_a"])
         assert got["ev_setpoint_a"] == pytest.approx(16.0)
         for t in agent.transports:
@@ -82,17 +58,23 @@ def test_a_rewrite_is_not_a_switch(agent: Agent) -> None:
     asyncio.run(body())
 
 
-def test_a_load_held_before_a_restart_keeps_its_off_time(tmp_path: Path) -> None:
+def test_an_older_agents_held_load_keeps_its_off_time(tmp_path: Path) -> None:
+    """A buffer written before the supervisor: its shed_loads table is migrated once."""
     with serve_site(tmp_path) as port:
         path, _key = write_agent_config(tmp_path, port, free_port())
-        first = Agent(load_agent_config(path))
-        first.buffer.set_shed("water-heater", "c1", first.clock() - 600.0)  # shed 10 min ago
-        first.buffer.close()
+        Agent(load_agent_config(path)).close()  # makes the buffer file
+        cfg = load_agent_config(path)
+        con = sqlite3.connect(cfg.buffer.path)
+        con.execute("CREATE TABLE shed_loads (load TEXT PRIMARY KEY, command_id TEXT, "
+                    "since REAL NOT NULL)")
+        con.execute("INSERT INTO shed_loads VALUES ('water-heater', 'c1', ?)",
+                    [time.time() - 600.0])  # shed 10 min ago
+        con.commit()
+        con.close()
         again = Agent(load_agent_config(path))
         try:
-            i = [ld.name for ld in again.cfg.loads].index("water-heater")
-            st = again.load_states[i]
-            assert st.shed_by_us
-            assert again.mono() - st.last_switch_s == pytest.approx(600.0, abs=5.0)
+            ld = again.state.loads["water-heater"]
+            assert ld.held and ld.owner == "c1" and not ld.on
+            assert ld.switched_t == pytest.approx(-600.0, abs=5.0)  # the clock starts at 0
         finally:
-            again.buffer.close()
+            again.close()

@@ -253,7 +253,7 @@ def test_a_lines_own_timeout_is_the_per_request_timeout(tmp_path: Path, broker: 
         assert sub.deadline_s(dev.transactions(), dev.wire_time_s()) == pytest.approx(
             4 * 0.5 + dev.wire_time_s())
     finally:
-        agent.buffer.close()
+        agent.close()
 
 
 def test_a_slow_line_does_not_hold_up_the_main_meter(tmp_path: Path, broker: Broker) -> None:

@@ -23,7 +23,7 @@ import pytest
 import tomli_w
 
 from lmt.agent.broker import Broker, free_port
-from lmt.agent.buffer import Buffer
+from lmt.agent.outbox import Outbox
 from lmt.agent.platform import _Client
 from tests.agent.harness import write_agent_config
 from tests.conftest import lmt_argv, serve_site, wait_until
@@ -57,16 +57,16 @@ def result(i: int) -> dict[str, Any]:
             "detail": "cap 130 kW for 20 s", "data": {}}
 
 
-def present(buf: Buffer, stream: str) -> list[int]:
+def present(buf: Outbox, stream: str) -> list[int]:
     return [r[0] for r in buf.db.execute("SELECT seq FROM outbox WHERE stream = ? ORDER BY seq",
                                          [stream])]
 
 
-def dropped(buf: Buffer) -> set[int]:
+def dropped(buf: Outbox) -> set[int]:
     return {s for d in buf.drops() for s in range(d["first_seq"], d["last_seq"] + 1)}
 
 
-def drop_events(buf: Buffer) -> list[dict[str, Any]]:
+def drop_events(buf: Outbox) -> list[dict[str, Any]]:
     return [r.body for r in buf.pending("events", 0, 1 << 20)
             if r.body["type"] == "telemetry_dropped"]
 
@@ -75,7 +75,7 @@ def test_outage_past_the_cap(tmp_path: Path) -> None:
     """Nothing delivered for a long time: the files stay under the cap, every event and
     result is kept, and the telemetry that is gone is exactly what the drop events name."""
     path = tmp_path / "b.sqlite"
-    buf = Buffer(path, max_mb=1)
+    buf = Outbox.open(path, max_mb=1)
     largest = 0
     n_events = n_results = 0
     for i in range(1500):
@@ -113,7 +113,7 @@ def test_outage_past_the_cap(tmp_path: Path) -> None:
 
 def test_delivered_records_go_before_undelivered_telemetry(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite"
-    buf = Buffer(path, max_mb=1)
+    buf = Outbox.open(path, max_mb=1)
     while buf.usage()["records_bytes"] < buf.low_water:
         buf.append("telemetry", readings(10))
     delivered = buf.last_seq("telemetry") // 2
@@ -130,7 +130,7 @@ def test_delivered_records_go_before_undelivered_telemetry(tmp_path: Path) -> No
 def test_the_sync_skips_dropped_records(tmp_path: Path) -> None:
     """A drop settles its range: the sync reads on past it, and the delivered watermark moves
     over it, so retention and a restart treat it like delivered."""
-    buf = Buffer(tmp_path / "b.sqlite", max_mb=1)
+    buf = Outbox.open(tmp_path / "b.sqlite", max_mb=1)
     buf.mark_delivered("telemetry", 0)
     while not buf.drops():
         buf.append("telemetry", readings(10))
@@ -148,7 +148,7 @@ def test_events_and_results_are_kept_beyond_the_cap(tmp_path: Path) -> None:
     file grows) and the state is reported once; new telemetry is refused and reported as
     dropped, and the sequence numbers it took are never given again, even after a restart."""
     path = tmp_path / "b.sqlite"
-    buf = Buffer(path, max_mb=1)
+    buf = Outbox.open(path, max_mb=1)
     buf.append("telemetry", readings(50))
     big = {"ts": 1.8e9, "type": "control_started", "data": {"note": "x" * 3000}}
     while buf.usage()["records_bytes"] < buf.high_water * 1.2:
@@ -169,7 +169,7 @@ def test_events_and_results_are_kept_beyond_the_cap(tmp_path: Path) -> None:
     assert last_refused == 60
     buf.close()  # the refused range is reported at close
 
-    buf = Buffer(path, max_mb=1)
+    buf = Outbox.open(path, max_mb=1)
     assert buf.last_seq("telemetry") == last_refused, "a dropped seq would be given again"
     reported = drop_events(buf)
     assert [(e["data"]["first_seq"], e["data"]["last_seq"]) for e in reported] == \
@@ -186,7 +186,7 @@ def test_events_and_results_are_kept_beyond_the_cap(tmp_path: Path) -> None:
 
 def test_a_drop_recorded_before_a_crash_is_reported_at_the_next_start(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite"
-    buf = Buffer(path, max_mb=1)
+    buf = Outbox.open(path, max_mb=1)
     buf.append("telemetry", readings(20))
     buf.close()
     # as if the agent died between dropping records 1..20 and writing the event
@@ -195,7 +195,7 @@ def test_a_drop_recorded_before_a_crash_is_reported_at_the_next_start(tmp_path: 
     con.execute("INSERT INTO drops(ts, stream, first_seq, last_seq, count, reason) "
                 "VALUES (1.8e9, 'telemetry', 1, 20, 20, 'disk cap 1 MB')")
     con.close()
-    buf = Buffer(path, max_mb=1)
+    buf = Outbox.open(path, max_mb=1)
     assert [(e["data"]["first_seq"], e["data"]["last_seq"]) for e in drop_events(buf)] == \
         [(1, 20)]
     assert buf.drops()[0]["event_seq"] == 1
@@ -205,7 +205,7 @@ def test_a_drop_recorded_before_a_crash_is_reported_at_the_next_start(tmp_path: 
 def test_disk_full_before_the_cap_drops_old_telemetry(tmp_path: Path) -> None:
     """The filesystem fills up before the cap does (simulated with SQLite's max_page_count):
     old telemetry makes room inside the file, and the drop says why."""
-    buf = Buffer(tmp_path / "b.sqlite", max_mb=64)
+    buf = Outbox.open(tmp_path / "b.sqlite", max_mb=64)
     buf.append("events", [event(1)])
     for _ in range(20):
         buf.append("telemetry", readings(10))
@@ -221,12 +221,12 @@ def test_disk_full_before_the_cap_drops_old_telemetry(tmp_path: Path) -> None:
 
 def test_a_lowered_cap_shrinks_the_file(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite"
-    buf = Buffer(path, max_mb=4)
+    buf = Outbox.open(path, max_mb=4)
     while buf.usage()["records_bytes"] < 3 * MB:
         buf.append("telemetry", readings(20))
     buf.append("events", [event(1)])
     buf.close()
-    buf = Buffer(path, max_mb=1)
+    buf = Outbox.open(path, max_mb=1)
     assert disk_bytes(path) <= MB
     assert present(buf, "events")[0] == 1 and drop_events(buf)
     buf.close()
@@ -293,7 +293,7 @@ def test_agent_outage_longer_than_the_cap(tmp_path: Path, metered_site: int) -> 
     db = tmp_path / "buffer.sqlite"
     # The first part of the outage, written before the agent starts (hours at 1 Hz would
     # take too long here): readings, and events and command results never delivered.
-    pre = Buffer(db, max_mb=cap_mb)
+    pre = Outbox.open(db, max_mb=cap_mb)
     n = 0
     while pre.usage()["records_bytes"] < pre.high_water - 40_000:
         pre.append("telemetry", readings(10, 1.8e9 + n))
@@ -358,7 +358,7 @@ def test_agent_outage_longer_than_the_cap(tmp_path: Path, metered_site: int) -> 
     assert sizes.samples > 100
     assert sizes.largest <= cap_mb * MB, f"{sizes.largest} bytes on disk, cap {cap_mb * MB}"
 
-    buf = Buffer(db, max_mb=cap_mb)
+    buf = Outbox.open(db, max_mb=cap_mb)
     try:
         for stream in ("events", "results"):
             assert got[stream] == set(range(1, buf.last_seq(stream) + 1)), f"{stream} lost"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from lmt.agent.broker import free_port
-from lmt.agent.buffer import SCHEMA_VERSION, Buffer, BufferError
+from lmt.agent.buffer import SCHEMA_VERSION, BufferError
+from lmt.agent.outbox import Outbox
 from tests.agent.harness import write_agent_config
 from tests.conftest import ROOT, lmt_argv, wait_until
 
@@ -23,7 +24,7 @@ ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def real_buffer(path: Path, n: int = 500) -> None:
-    buf = Buffer(path)
+    buf = Outbox.open(path)
     buf.append("telemetry", [{"ts": 1.8e9 + i, "device": "m", "values": {"power_w": i * 1.5}}
                              for i in range(n)])
     buf.append("events", [{"ts": 1.8e9, "type": "agent_started", "data": {}}])
@@ -95,14 +96,14 @@ def test_an_unusable_file_is_refused_and_kept(tmp_path: Path, kind: str) -> None
     make(path)
     before = snapshot(tmp_path)
     with pytest.raises(BufferError) as ei:
-        Buffer(path)
+        Outbox.open(path)
     msg = str(ei.value)
     assert str(path) in msg and expected in msg and "left as it is for inspection" in msg
     assert snapshot(tmp_path) == before, "the file (or its WAL) was changed"
     if kind in ("garbage", "truncated", "scribbled"):
         assert ".recover" in msg and "Move it aside" in msg
     with pytest.raises(BufferError):  # and again: refusing twice changes nothing either
-        Buffer(path)
+        Outbox.open(path)
     assert snapshot(tmp_path) == before
 
 
@@ -111,7 +112,7 @@ def test_a_buffer_cut_off_by_a_power_failure_opens_with_its_records(tmp_path: Pa
     power cut) is a good buffer: nothing is refused and nothing committed is lost."""
     live = tmp_path / "live"
     live.mkdir()
-    buf = Buffer(live / "b.sqlite")
+    buf = Outbox.open(live / "b.sqlite")
     buf.append("telemetry", [{"ts": 1.0, "v": i} for i in range(100)])
     buf.mark_delivered("telemetry", 40)
     cut = tmp_path / "cut"
@@ -120,7 +121,7 @@ def test_a_buffer_cut_off_by_a_power_failure_opens_with_its_records(tmp_path: Pa
         shutil.copy(p, cut / p.name)
     buf.close()
     assert (cut / "b.sqlite-wal").stat().st_size > 0
-    again = Buffer(cut / "b.sqlite")
+    again = Outbox.open(cut / "b.sqlite")
     assert again.delivered_seq("telemetry") == 40 and again.last_seq("telemetry") == 100
     assert [r.seq for r in again.append("telemetry", [{"ts": 2.0}])] == [101]
     again.close()
@@ -139,7 +140,7 @@ def test_a_buffer_from_before_the_cap_is_upgraded(tmp_path: Path) -> None:
         INSERT INTO outbox VALUES ('telemetry', 8, 1.0, '{"ts":1.0}');
     """)
     con.close()
-    buf = Buffer(path)
+    buf = Outbox.open(path)
     assert [r.seq for r in buf.append("telemetry", [{"ts": 2.0}])] == [9]
     assert buf.drops() == []
     buf.close()
@@ -150,12 +151,12 @@ def test_a_buffer_from_before_the_cap_is_upgraded(tmp_path: Path) -> None:
 
 def test_a_second_agent_is_kept_out(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite"
-    first = Buffer(path)
+    first = Outbox.open(path)
     with pytest.raises(BufferError, match=rf"in use by another lmt agent \(process {os.getpid()}"):
-        Buffer(path)
+        Outbox.open(path)
     first.append("events", [{"ts": 1.0}])
     first.close()
-    Buffer(path).close()  # free again once the first one closed
+    Outbox.open(path).close()  # free again once the first one closed
 
 
 HOLD_LOCK = textwrap.dedent("""
@@ -181,7 +182,7 @@ def test_a_file_locked_by_another_program_is_refused(tmp_path: Path, journal: st
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         before = snapshot(tmp_path)
         with pytest.raises(BufferError, match="locked by another process") as ei:
-            Buffer(path)
+            Outbox.open(path)
         assert "left as it is" in str(ei.value)
         assert snapshot(tmp_path) == before
     finally:
@@ -193,9 +194,9 @@ def test_a_folder_that_cannot_exist_is_refused(tmp_path: Path) -> None:
     blocker = tmp_path / "state"
     blocker.write_text("a file, not a folder")
     with pytest.raises(BufferError, match=r"that name is taken by a file|a part of its folder"):
-        Buffer(blocker / "b.sqlite")
+        Outbox.open(blocker / "b.sqlite")
     with pytest.raises(BufferError, match="a part of its folder"):
-        Buffer(blocker / "deeper" / "b.sqlite")
+        Outbox.open(blocker / "deeper" / "b.sqlite")
     assert blocker.read_text() == "a file, not a folder"
 
 
@@ -207,7 +208,7 @@ def test_a_read_only_file_is_refused_and_kept(tmp_path: Path) -> None:
     before = snapshot(tmp_path)
     try:
         with pytest.raises(BufferError, match="cannot be written") as ei:
-            Buffer(path)
+            Outbox.open(path)
         assert "its folder" in str(ei.value)
         assert snapshot(tmp_path) == before
     finally:
@@ -221,14 +222,15 @@ def test_a_read_only_folder_is_refused(tmp_path: Path) -> None:
     folder.chmod(0o555)
     try:
         with pytest.raises(BufferError, match="cannot be written"):
-            Buffer(folder / "b.sqlite")
+            Outbox.open(folder / "b.sqlite")
     finally:
         folder.chmod(0o755)
 
 
 PRIVATE_DISK = textwrap.dedent("""
     import hashlib, os, shutil, sys
-    from lmt.agent.buffer import Buffer, BufferError
+    from lmt.agent.buffer import BufferError
+    from lmt.agent.outbox import Outbox
     disk = sys.argv[1]
     before = hashlib.sha256(open(disk + "/b.sqlite", "rb").read()).hexdigest()
     try:
@@ -239,7 +241,7 @@ PRIVATE_DISK = textwrap.dedent("""
         pass
     for name in ("b.sqlite", "new.sqlite"):
         try:
-            Buffer(disk + "/" + name).close()
+            Outbox.open(disk + "/" + name).close()
             print("OPENED", name)
         except BufferError as exc:
             print("REFUSED", exc)

@@ -22,7 +22,8 @@ def test_completed_event_reports_what_it_delivered(tmp_path: Path, site: int,
     runner = AgentThread(Agent(load_agent_config(rig.cfg_path))).start()
     try:
         wait_until(lambda: runner.agent.site_kw() is not None, 30, "a meter reading")
-        wait_until(lambda: len(runner.agent._meter_ring) >= 3, 10, "a few readings of baseline")
+        wait_until(lambda: sum(b[2] for b in runner.agent.state.history.buckets) >= 3, 10,
+                   "a few readings of baseline")
         p0 = rig.power_kw()
         eid, start, _answers = rig.dr_event(round(p0 - 50), start_in_s=1, duration_s=5)
         done = wait_until(lambda: rig.record(eid, "completed"), 20, "completed")
@@ -41,7 +42,7 @@ def test_completed_event_reports_what_it_delivered(tmp_path: Path, site: int,
         # 50 kW (and, with the loads' sizes, up to about 60) is delivered on average
         assert 30.0 < got["delivered_reduction_kw"] < 65.0, got
         assert got["delivered_reduction_kw"] == pytest.approx(base - got["mean_kw"], abs=0.01)
-        assert not runner.agent._delivery  # nothing left counting
+        assert not runner.agent.state.delivery.events  # nothing left counting
     finally:
         runner.stop()
         rig.close()

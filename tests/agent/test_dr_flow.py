@@ -22,6 +22,7 @@ from lmt.agent.broker import Broker
 from lmt.agent.daemon import Agent
 from lmt.agent.platform import dr_event_body, send, sign_command_file
 from lmt.config import load_agent_config
+from lmt.control.dr import DrScheduler
 from tests.agent.harness import AgentThread
 from tests.agent.modes_helpers import buffered_readings, events_of, patch_config
 from tests.agent.test_control_flow import TERMINAL, Rig
@@ -91,7 +92,8 @@ def test_event_schedules_activates_sheds_and_completes_on_time(tmp_path: Path, s
         wait_until(lambda: all(rig.coils()[:7]), 10, "the loads restored after the end")
         assert rig.statuses(eid) == ["accepted", "received", "scheduled", "active", "completed"]
         # the scheduler's state is in the buffer
-        assert runner.agent.buffer.load_dr_state()["events"][0]["state"] == "completed"
+        saved = runner.agent.store.load("supervisor")
+        assert saved["dr"]["events"][0]["state"] == "completed"
     finally:
         runner.stop()
         rig.close()
@@ -155,7 +157,7 @@ def test_event_ends_on_time_while_the_broker_is_down(tmp_path: Path, site: int) 
             own.stop()
             wait_until(lambda: time.time() > start + 6 and all(rig.coils()[:7]), 15,
                        "the loads restored at the end, broker down")
-            assert runner.agent.dr.state_of(eid) == "completed"
+            assert _dr_state(runner, eid) == "completed"
             own.start()
             seen: list[dict] = []
 
@@ -184,7 +186,7 @@ def test_restart_mid_event_keeps_it_active(tmp_path: Path, site: int, broker: Br
         wait_until(lambda: rig.record(eid, "active") and rig.off_loads(), 15, "active, shed")
         runner.stop()
         runner = _start(rig)
-        assert runner.agent.dr.state_of(eid) == "active"
+        assert _dr_state(runner, eid) == "active"
         wait_until(lambda: rig.off_loads() and rig.power_kw() < cap, 15,
                    "the cap held again after the restart")
         assert rig.statuses(eid) == ["accepted", "received", "scheduled", "active"]
@@ -423,3 +425,9 @@ def test_lower_cap_command_wins_over_an_event_which_holds_after_it(
     finally:
         runner.stop()
         rig.close()
+
+
+def _dr_state(runner: AgentThread, event_id: str) -> str | None:
+    """The event's state in the agent's supervisor state."""
+    dr = runner.agent.state.dr
+    return None if dr is None else DrScheduler.from_dict(dr).state_of(event_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import subprocess
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-import lmt.agent.daemon as daemon
+import lmt.agent.derive as derive
 from lmt.agent.broker import Broker
 from lmt.agent.daemon import Agent
 from lmt.config import load_agent_config
@@ -92,17 +93,24 @@ def test_adjustable_load_lowered_under_a_cap_and_restored_after_cancel_and_kill(
         # cancel: back to the current it had
         rig.command("cancel", target=cid)
         wait_until(lambda: rig.ev_amps() == pytest.approx(FULL_A, abs=0.01), 10, "full current")
-        # again, then a power cut: the next start gives the car its current back
-        rig.command("cap", cap_kw=round(p0 - 10), duration_s=600)
+        # again, then a power cut: the command outlives it; the car stays turned down while
+        # the cap runs, and gets the current it had back when the cap ends
+        cid2, _answers = rig.command("cap", cap_kw=round(p0 - 10), duration_s=600)
         wait_until(lambda: rig.ev_amps() < FULL_A - 1, 10, "the charger turned down")
         agent.kill()
         agent.wait(10)
         assert rig.ev_amps() < FULL_A - 1, "still turned down after the kill"
         agent = _run(rig)
+        n = len(rig.events_of("load_adjusted", "ev-fleet"))
+        until = time.monotonic() + 3.0  # a few cycles of the new agent: it keeps the cap
+        while time.monotonic() < until:
+            assert rig.ev_amps() < FULL_A - 1, "the cap still holds"
+            time.sleep(0.1)
+        rig.command("cancel", target=cid2)
         wait_until(lambda: rig.ev_amps() == pytest.approx(FULL_A, abs=0.01), 15,
-                   "full current after the restart")
-        back = rig.events_of("load_adjusted", "ev-fleet")[-1]
-        assert back["setpoint_pct"] == pytest.approx(100.0) and "restarted" in back["reason"]
+                   "full current when the cap ends")
+        back = rig.events_of("load_adjusted", "ev-fleet")[n:][-1]
+        assert back["setpoint_pct"] == pytest.approx(100.0) and "cancelled" in back["reason"]
     finally:
         agent.terminate()
         agent.wait(15)
@@ -145,7 +153,7 @@ def test_deferrable_loads_rotate_at_their_maximum_off_time(tmp_path: Path, site:
 def test_a_cap_sheds_only_the_loads_it_names(tmp_path: Path, site: int, broker: Broker,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """... and each switching decision is recorded again with the power two minutes later."""
-    monkeypatch.setattr(daemon, "MODE_RECORD_AFTER_S", 1.5)  # the two minutes, sooner
+    monkeypatch.setattr(derive, "RECORD_AFTER_S", 1.5)  # the two minutes, sooner
     rig = EvRig(tmp_path, site, broker)
     runner = AgentThread(Agent(load_agent_config(rig.cfg_path))).start()
     try:

@@ -15,11 +15,12 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-import lmt.agent.daemon as daemon
+import lmt.agent.derive as derive
 from lmt.agent.broker import Broker
 from lmt.agent.daemon import Agent
 from lmt.agent.platform import command_body, send, sign_command_file
@@ -91,15 +92,15 @@ def _start(rig: ModesRig) -> AgentThread:
 
 
 def _outputs(runner: AgentThread) -> Any:
-    """The agent's last mode outputs (``modes.CycleOutputs``), once it has some."""
-    out = runner.agent._mode_out
+    """The agent's last mode outputs (the supervisor's report of ``modes.CycleOutputs``)."""
+    out = runner.agent.state.report.get("modes")
     assert out is not None
-    return out
+    return SimpleNamespace(**{**out, "energy_alarms": tuple(out["energy_alarms"])})
 
 
 def test_remote_guarantee_restart_and_invalid(tmp_path: Path, site: int, broker: Broker,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(daemon, "MODE_RECORD_AFTER_S", 2.0)  # the 2-minute record, sooner
+    monkeypatch.setattr(derive, "RECORD_AFTER_S", 2.0)  # the 2-minute record, sooner
     rig = ModesRig(tmp_path, site, broker)
     runner = _start(rig)
     try:
@@ -142,7 +143,7 @@ def test_remote_guarantee_restart_and_invalid(tmp_path: Path, site: int, broker:
         assert not rig.coils()[2], "a tripped round stays open while the agent is down"
         runner = _start(rig)
         wait_until(lambda: runner.agent.mode_state is not None
-                   and 3 in runner.agent.mode_state.tripped and runner.agent._mode_held, 10,
+                   and 3 in runner.agent.mode_state.tripped and runner.agent.state.mode_held, 10,
                    "the persisted state in force")
         assert runner.agent.mode_params.remote[-1].round == 3
         assert not rig.coils()[2] and all(rig.coils()[:2])
@@ -166,7 +167,7 @@ def test_remote_guarantee_restart_and_invalid(tmp_path: Path, site: int, broker:
         # a valid partial update is stored and keeps the rest
         _cid, ans = rig.answer("modes", params={"floor_kw": 5, "power": {"slide_min": 2}})
         assert ans["status"] == "accepted"
-        p = runner.agent.buffer.load_mode("params")
+        p = runner.agent.store.load("supervisor")["mode_params"]
         assert p["floor_kw"] == 5 and p["power"]["slide_min"] == 2 and p["remote"]
         rig.answer("remote", round=3, action="close")
         wait_until(lambda: rig.coils()[2], 10, "round 3 closed")
@@ -321,7 +322,7 @@ def test_float_down_freezes_a_baseline_trips_and_ends_with_its_control_time(
                            "freeze_delay_min": 0, "control_half_hours": 1,
                            "alarm_min": [1, 1, 1]}})
         # the setpoint is known once the baseline is (the state is set just before the outputs)
-        wait_until(lambda: agent._mode_out is not None and agent._mode_out.setpoint_kw is not None,
+        wait_until(lambda: (agent.state.report.get("modes") or {}).get("setpoint_kw") is not None,
                    10, "the baseline and the setpoint")
         state = agent.mode_state
         frozen = math.floor(issued / 60.0) - 1  # the minute before the switch-on

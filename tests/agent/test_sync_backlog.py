@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from lmt.agent.broker import Broker
-from lmt.agent.buffer import Buffer
 from lmt.agent.daemon import Agent
+from lmt.agent.outbox import Outbox
 from lmt.agent.platform import StreamTracker, _Client
 from lmt.config import load_agent_config
 from tests.agent.harness import AgentThread, write_agent_config
@@ -22,7 +22,7 @@ TOPIC = "lmt/v1/demo-0001/telemetry"
 
 def prefill(path: Path, n: int = BACKLOG) -> None:
     """An outage's worth of readings, written before the agent starts."""
-    buf = Buffer(path)
+    buf = Outbox.open(path)
     t0 = time.time() - 3600
     buf.append("telemetry", [{"ts": t0 + i, "device": "main-meter", "values": {"power_w": 1000.0 + i}}
                              for i in range(n)])
@@ -104,7 +104,7 @@ def test_acknowledged_out_of_order_is_not_sent_again_after_restart(tmp_path: Pat
                        "live readings")
         finally:
             runner.stop()  # a clean stop, mid-backlog
-        buf = Buffer(db)
+        buf = Outbox.open(db)
         try:
             acked, delivered = buf.acked_ranges("telemetry"), buf.delivered_seq("telemetry")
         finally:

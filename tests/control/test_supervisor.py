@@ -602,3 +602,29 @@ def _leaves(x: object) -> list[object]:
     if isinstance(x, list):
         return [v for val in x for v in _leaves(val)]
     return [x]
+
+
+def test_an_adjustable_load_is_unknown_until_read_and_held_until_back_where_it_was() -> None:
+    loads = (load("charger", 22.0, 1, kind="adjustable", full_scale=32.0, rewrite_s=2.0),)
+    rig = Rig(config(loads=loads), base_kw=100.0)
+    # not read yet: a cap far below the site touches nothing (it could be idle at 0 A)
+    log = rig.cycle([cap("c1", 110.0, 60.0)], loads_read=False)
+    assert log.actions == [] and rig.state.loads["charger"].setpoint_pct is None
+    log = rig.cycle()  # read: 32 A is 100 %; 122 - 109 = 13 kW off the charger
+    assert log.names(rig.cfg) == ["set charger 40.9"]
+    ld = rig.state.loads["charger"]
+    assert ld.held and ld.restore_pct == 100.0
+    switched = ld.switched_t
+    # a rewrite (rewrite_s) writes the same value again: no switch, minimum times run on
+    logs = rig.run(3)
+    rewrites = [a for lg in logs for a in lg.actions if a.quiet]
+    assert rewrites and rig.state.loads["charger"].switched_t == switched
+    assert rig.state.loads["charger"].written_t > switched
+    # someone turns it up a little by hand (31.9 A = 99.7 %): still held
+    rig.pct["charger"] = 31.9 / 32.0 * 100.0
+    rig.cycle()
+    assert rig.state.loads["charger"].held
+    # back at 32 A: back where it was, no longer held
+    rig.pct["charger"] = 100.0
+    rig.cycle()
+    assert not rig.state.loads["charger"].held
