@@ -129,9 +129,10 @@ class BufferFile:
         if not self.path.is_file() or self.path.stat().st_size == 0:
             return self
         try:
-            ro = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True,
-                                 isolation_level=None, timeout=2.0)
-        except sqlite3.Error:
+            ro = self._read_only()
+        except sqlite3.Error as exc:
+            log.error("buffer %s: could not read it while it is unwritable (%s); starting "
+                      "from nothing", self.path, exc)
             return self
         try:
             tables = {r[0]: r[1] for r in ro.execute(
@@ -162,6 +163,27 @@ class BufferFile:
         finally:
             ro.close()
         return self
+
+    def _read_only(self) -> sqlite3.Connection:
+        """A read-only connection to the file on a full disk. SQLite reads a WAL database
+        through its ``-shm`` index, which it may be unable to create or grow here; when the WAL
+        holds nothing (a clean stop, or a start that failed), the file alone is the database
+        and is read as immutable."""
+        uri = self.path.resolve().as_uri()
+        wal = Path(f"{self.path}-wal")
+        if not wal.exists() or wal.stat().st_size == 0:
+            return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True,
+                                   isolation_level=None)
+        con = sqlite3.connect(uri + "?mode=ro", uri=True, isolation_level=None, timeout=2.0)
+        try:
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error:
+            con.close()
+            log.warning("buffer %s: its WAL cannot be read on the full disk; reading the file "
+                        "without it (the last transactions may be missing)", self.path)
+            return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True,
+                                   isolation_level=None)
+        return con
 
     in_memory_for: Path | None = None  # the file this buffer in memory stands in for
     memory_seed: dict[str, int]
@@ -259,9 +281,12 @@ class BufferFile:
                     "Only one agent may use a buffer: stop the other one, or give this agent "
                     "its own buffer.path.") from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        self._lock_fd = fd  # held from here on: released on any failure below
+        try:  # who holds it, for the message another agent gets (best effort: a full disk)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -368,6 +393,14 @@ class BufferFile:
         verb = "cannot open the buffer" if at_start else "cannot write the buffer"
         return BufferError(f"{self.path}: {verb}: it {what}. {todo}{kept}")
 
+    def _no_space(self) -> bool:
+        """The filesystem that holds the file has (next to) no room left."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 64 * 1024
+
     def _error(self, exc: BaseException, at_start: bool = True) -> BufferError:
         """Turn an SQLite or OS error into a message that says what to do."""
         name = getattr(exc, "sqlite_errorname", "") or ""
@@ -385,7 +418,9 @@ class BufferFile:
             what = "is locked by another process"
             todo = ("Only one program may write a buffer: stop the other one (`fuser "
                     f"{self.path.name}` names it) and start again.")
-        elif name.startswith("SQLITE_FULL") or code == errno.ENOSPC:
+        elif name.startswith("SQLITE_FULL") or code == errno.ENOSPC or (
+                (name.startswith("SQLITE_IOERR") or code == errno.EIO) and self._no_space()):
+            # (SQLite reports a WAL index it cannot grow on a full disk as an I/O error)
             what = "cannot be written: the disk is full"
             todo = ("Free space on the filesystem that holds it (buffer.max_mb caps the "
                     "buffer itself, not what else fills the disk).")

@@ -42,7 +42,8 @@ class Watch(Rig):
         super().__init__(tmp, site_port, broker, **overrides)
         self.tel = _Client("127.0.0.1", broker.port)
         self.tel.connect([f"lmt/v1/{TERMINAL}/telemetry"])
-        self.readings: list[dict] = []
+        self.readings: list[dict] = []  # the main meter's
+        self.all_readings: list[dict] = []
 
     def close(self) -> None:
         self.tel.close()
@@ -60,6 +61,7 @@ class Watch(Rig):
             setattr(self, name, kept)
         while not self.tel.messages.empty():
             batch = json.loads(self.tel.messages.get().payload)
+            self.all_readings += batch["records"]
             self.readings += [r for r in batch["records"] if r["device"] == "main-meter"]
 
     def of(self, type_: str, since: float = 0.0) -> list[dict]:
