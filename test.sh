@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/bootstrap.sh
 ruff check .
-mypy  # the packages in pyproject.toml's [tool.mypy]: lmt.config, lmt.drivers, lmt.firmware_sim
+mypy  # every package (pyproject.toml, [tool.mypy]), default mode, with the pyserial stubs
 python -m pytest -q "$@"

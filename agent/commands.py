@@ -42,6 +42,7 @@ from .messages import (
     DrEventCommand,
     GuaranteeCommand,
     ModesCommand,
+    RejectReason,
     RemoteCommand,
     ShedCommand,
     event_body,
@@ -183,8 +184,8 @@ class Intake:
         out, self.requests = self.requests, []
         return out
 
-    def _refuse(self, results: list[dict[str, Any]], command_id: str | None, reason: str,
-                detail: str, **data: Any) -> None:
+    def _refuse(self, results: list[dict[str, Any]], command_id: str | None,
+                reason: RejectReason, detail: str, **data: Any) -> None:
         log.info("command %s: rejected (%s): %s", command_id, reason, detail)
         results.append(result_body(command_id, "rejected", self.clock(), reason, detail,
                                    data or None))

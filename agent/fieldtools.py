@@ -74,8 +74,9 @@ def make_modbus_bus(t: Target) -> Any:
     """A bus for ``t``: ModbusTcpBus, or the RTU bus for a serial line."""
     if t.tcp:
         return ModbusTcpBus(t.tcp[0], t.tcp[1], timeout_s=t.timeout_s)
-    from lmt.drivers.modbus_rtu import ModbusRtuBus  # type: ignore[import-not-found]
+    from lmt.drivers.modbus_rtu import ModbusRtuBus
 
+    assert t.serial is not None
     return ModbusRtuBus(t.serial, baud=t.baud_rate, parity=t.parity_bit, stop_bits=t.stop_bits,
                         byte_size=t.byte_size, timeout_s=t.timeout_s)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 CONTRACT_VERSION = 1
 MAX_DURATION_S = 7 * 86400
@@ -269,6 +270,10 @@ class ShedCommand(_CommandBase):
         return self
 
 
+_SIGNAL_RANGES: list[tuple[str, JsonDict]] = [
+    ("level", {"enum": [0, 1, 2, 3]}), ("reduction_kw", {"exclusiveMinimum": 0}),
+    ("cap_kw", {"exclusiveMinimum": 0}), ("reduction_pct", {"exclusiveMinimum": 0, "maximum": 100})]
+
 DrSignal = Literal["level", "reduction_kw", "reduction_pct", "cap_kw"]
 
 
@@ -285,10 +290,7 @@ class DrEventCommand(_CommandBase):
     model_config = ConfigDict(json_schema_extra={"allOf": [
         {"if": {"properties": {"signal": {"const": sig}}},
          "then": {"properties": {"value": rng}}}
-        for sig, rng in (("level", {"enum": [0, 1, 2, 3]}),
-                         ("reduction_kw", {"exclusiveMinimum": 0}),
-                         ("cap_kw", {"exclusiveMinimum": 0}),
-                         ("reduction_pct", {"exclusiveMinimum": 0, "maximum": 100}))]})
+        for sig, rng in _SIGNAL_RANGES]})
 
     type: Literal["dr_event"]
     start: float = Field(description="unix time (s) of the nominal start")

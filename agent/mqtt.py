@@ -201,7 +201,7 @@ class MqttLink:
         except RuntimeError:  # the agent's loop is closed: nobody is waiting
             pass
 
-    def _handle_publish(self, client, userdata, mid, reason_code, properties):  # type: ignore[no-untyped-def]
+    def _handle_publish(self, client, userdata, mid, reason_code, properties):
         self._acks += 1
         if self._acks < self.ack_wake_every:
             return
@@ -245,7 +245,7 @@ class MqttLink:
         text, level = describe_error(exc)
         self._failed(text, level)
 
-    def _handle_log(self, client, userdata, level, buf):  # type: ignore[no-untyped-def]
+    def _handle_log(self, client, userdata, level, buf):
         if level == mqtt.MQTT_LOG_ERR and not buf.startswith("Client is not connected"):
             self._paho_error = buf
             if buf.startswith("Caught exception"):
@@ -254,7 +254,7 @@ class MqttLink:
         if level in (mqtt.MQTT_LOG_ERR, mqtt.MQTT_LOG_WARNING):
             log.debug("paho: %s", buf)
 
-    def _handle_connect(self, client, userdata, flags, reason_code, properties):  # type: ignore[no-untyped-def]
+    def _handle_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             self._refused = True
             value = _value(reason_code)
@@ -279,7 +279,7 @@ class MqttLink:
                  ", TLS" if self.cfg.tls is not None else "", session, self.connection)
         self._notify()
 
-    def _handle_disconnect(self, client, userdata, flags, reason_code, properties):  # type: ignore[no-untyped-def]
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties):
         with self._lock:
             was = self.connected
             self.connected = False
@@ -298,7 +298,7 @@ class MqttLink:
                          f"{_alert_hint(detail)}", logging.ERROR)
         self._notify()
 
-    def _handle_message(self, client, userdata, msg):  # type: ignore[no-untyped-def]
+    def _handle_message(self, client, userdata, msg):
         if msg.topic == self.topics.cmd:
             self._loop.call_soon_threadsafe(self._on_command, bytes(msg.payload))
 

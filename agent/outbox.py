@@ -455,7 +455,7 @@ class Outbox:
         if row is not None and row[0] + 1 == first:
             self.db.execute("UPDATE drops SET last_seq = ?, count = count + ? WHERE id = ?",
                             [last, count, extend])
-            drop_id = extend
+            drop_id = int(extend or 0)
         else:
             cur = self.db.execute(
                 "INSERT INTO drops(ts, stream, first_seq, last_seq, count, reason) "

@@ -94,7 +94,7 @@ class _Client:
         self.c.on_subscribe = lambda *a: self._suback.set()
         self.host, self.port = host, port
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties):  # type: ignore[no-untyped-def]
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             self._refused = str(reason_code)
             self._ready.set()
@@ -103,12 +103,12 @@ class _Client:
             client.subscribe(t, qos=1)
         self._ready.set()
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties):  # type: ignore[no-untyped-def]
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if not self._ready.is_set():  # closed before accepting us (e.g. a TLS alert)
             self._refused = self._error or str(reason_code)
             self._ready.set()
 
-    def _on_log(self, client, userdata, level, buf):  # type: ignore[no-untyped-def]
+    def _on_log(self, client, userdata, level, buf):
         if level == mqtt.MQTT_LOG_ERR:
             self._error = buf
 
@@ -173,7 +173,8 @@ def send(host: str, port: int, prefix: str, terminal: str, payload: str, *,
             except queue.Empty:
                 break
             for rec in _records(msg.payload):
-                data = rec.get("data") if isinstance(rec.get("data"), dict) else {}
+                got = rec.get("data")
+                data: dict[str, Any] = got if isinstance(got, dict) else {}
                 ours = cid is None or rec.get("command_id") == cid or (
                     rec.get("command_id") is None and data.get("claimed_id") == cid)
                 if rec.get("seq") in seen or not ours:
@@ -195,7 +196,7 @@ def send(host: str, port: int, prefix: str, terminal: str, payload: str, *,
         client.close()
 
 
-def _records(payload: bytes) -> list[dict[str, Any]]:
+def _records(payload: bytes | bytearray) -> list[dict[str, Any]]:
     try:
         msg = json.loads(payload)
     except ValueError:

@@ -32,7 +32,7 @@ from lmt.drivers.errors import DriverError
 
 from .devices import due_names, set_request_timeout, transport_of
 from .health import DeviceHealth, HealthPolicy
-from .messages import event_body, reading_body
+from .messages import EventType, event_body, reading_body
 
 log = logging.getLogger("lmt.agent")
 
@@ -165,7 +165,7 @@ class Poller:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.flush()
 
-    def _event(self, type_: str, **data: Any) -> None:
+    def _event(self, type_: EventType, **data: Any) -> None:
         self.sink("events", [event_body(type_, self.clock(), data)])
 
     async def _poll_device(self, name: str) -> bool:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import TypeAdapter, ValidationError
 
-from .messages import Command, SignedCommand
+from .messages import Command, RejectReason, SignedCommand
 
 _command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
 
@@ -109,7 +109,7 @@ def sign_body(key: Ed25519PrivateKey, body: dict) -> str:
 class Refusal(Exception):
     """A command was refused; ``reason`` is the machine code, ``detail`` says why."""
 
-    reason: str
+    reason: RejectReason
     detail: str
     command_id: str | None = None
 

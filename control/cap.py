@@ -160,7 +160,7 @@ class Decision:
         """The actions in the order to carry them out, with their reasons:
         ``(index, "shed" | "set" | "restore", setpoint % for "set" else None, reason)``.
         Sheds and setpoint changes come first, so a rotation never lifts the site."""
-        kinds = [(i, "shed", None) for i in self.shed]
+        kinds: list[tuple[int, str, float | None]] = [(i, "shed", None) for i in self.shed]
         kinds += [(i, "set", pct) for i, pct in self.setpoints]
         kinds += [(i, "restore", None) for i in self.restore]
         return [(i, k, v, why) for (i, k, v), why in zip(kinds, self.reasons, strict=True)]

@@ -385,8 +385,8 @@ class DrScheduler:
                 source = self._control_in_effect(rec, now)
                 rec.baseline_kw = baseline_kw if source is None else source.baseline_kw
                 full = self._full_cap(rec)
-                data = {"start": rec.eff_start, "end": rec.eff_end, "baseline_kw": rec.baseline_kw,
-                        "cap_kw": full}
+                data: dict[str, Any] = {"start": rec.eff_start, "end": rec.eff_end,
+                                        "baseline_kw": rec.baseline_kw, "cap_kw": full}
                 if source is not None:
                     data["baseline_from"] = source.event.id
                 if full is not None:

@@ -891,22 +891,23 @@ class _Cycle:
                      f"{_fmt(measured)} kW back under setpoint {setpoint:.1f} kW")
             pw.alarm_round = pw.alarm_since_s = None
         if over and pw.alarm_round is None:
-            rnd = self.next_power_round(mode)
-            if rnd is not None:
-                pw.alarm_round, pw.alarm_since_s = rnd, self.now
-                if self.alarm_time_s(mode, rnd) > 0:
-                    self.rec("alarm", mode, rnd,
+            nxt = self.next_power_round(mode)
+            if nxt is not None:
+                pw.alarm_round, pw.alarm_since_s = nxt, self.now
+                if self.alarm_time_s(mode, nxt) > 0:
+                    self.rec("alarm", mode, nxt,
                              f"{mode} control: {measured:.1f} kW > setpoint {setpoint:.1f} kW{detail};"
-                             f" trip in {self.alarm_time_s(mode, rnd) / 60:g} min")
-        if pw.alarm_round is None and (swap := self.rotation_candidate(mode)) is not None:
-            out, rnd = swap
-            pw.alarm_round, pw.alarm_since_s, pw.rotate_out = rnd, self.now, out
-            if self.alarm_time_s(mode, rnd) > 0:
-                self.rec("alarm", mode, rnd, f"rotation: round {rnd} to replace round {out}"
-                         f" in {self.alarm_time_s(mode, rnd) / 60:g} min")
-        rnd = pw.alarm_round
-        if rnd is None or pw.alarm_since_s is None:
+                             f" trip in {self.alarm_time_s(mode, nxt) / 60:g} min")
+        if pw.alarm_round is None and (pair := self.rotation_candidate(mode)) is not None:
+            leaving, coming = pair
+            pw.alarm_round, pw.alarm_since_s, pw.rotate_out = coming, self.now, leaving
+            if self.alarm_time_s(mode, coming) > 0:
+                self.rec("alarm", mode, coming, f"rotation: round {coming} to replace round "
+                         f"{leaving} in {self.alarm_time_s(mode, coming) / 60:g} min")
+        alarmed = pw.alarm_round
+        if alarmed is None or pw.alarm_since_s is None:
             return mode, setpoint
+        rnd = alarmed
         if self.now < pw.alarm_since_s + self.alarm_time_s(mode, rnd):
             return mode, setpoint
         if pw.rotate_out is not None:
