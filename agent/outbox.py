@@ -67,6 +67,7 @@ class Outbox:
         self._full = False  # events and results alone fill the cap (buffer_full reported)
         self._full_event: dict[str, Any] | None = None  # buffer_full event to write next
         self._open_drop: int | None = None  # drops.id still growing (new telemetry refused)
+        self._owed = True  # a drop may be unreported (looked up at the next write)
         try:
             self._next_seq = {s: self._max_seq(s) + 1 for s in STREAMS}
             self._configure_cap()
@@ -92,6 +93,7 @@ class Outbox:
                 yield
         except BaseException:
             self._next_seq, self._open_drop, self._full_event, self._full = saved
+            self._owed = True  # what the rolled-back writes reported is owed again
             raise
 
     def _max_seq(self, stream: str) -> int:
@@ -161,20 +163,24 @@ class Outbox:
         records = [Record(stream, first + i, rts, body) for i, (rts, body, _) in enumerate(rows)]
         nxt[stream] = first + len(records)
         open_drop = self._open_drop
-        with self.db.atomic():
-            if keep:
-                open_drop = None  # telemetry is written again: the refused range is complete
-                self.db.conn.executemany(
-                    "INSERT INTO outbox(stream, seq, ts, body) VALUES (?, ?, ?, ?)",
-                    [(stream, r.seq, r.ts, text) for r, (_, _, text) in zip(records, rows,
-                                                                             strict=True)],
-                )
-            else:
-                open_drop = self._record_drop(
-                    stream, first, records[-1].seq, len(records),
-                    f"disk cap {self.max_bytes / 2**20:g} MB full of undelivered events and "
-                    "results: new telemetry not written", extend=open_drop)
-            self._emit_pending_events(nxt, skip=open_drop)
+        try:
+            with self.db.atomic():
+                if keep:
+                    open_drop = None  # telemetry is written again: the refused range is complete
+                    self.db.conn.executemany(
+                        "INSERT INTO outbox(stream, seq, ts, body) VALUES (?, ?, ?, ?)",
+                        [(stream, r.seq, r.ts, text) for r, (_, _, text) in zip(records, rows,
+                                                                                 strict=True)],
+                    )
+                else:
+                    open_drop = self._record_drop(
+                        stream, first, records[-1].seq, len(records),
+                        f"disk cap {self.max_bytes / 2**20:g} MB full of undelivered events "
+                        "and results: new telemetry not written", extend=open_drop)
+                self._emit_pending_events(nxt, skip=open_drop)
+        except BaseException:
+            self._owed = True  # what this write would have reported is owed again
+            raise
         self._full_event = None
         if open_drop is not None and open_drop != self._open_drop:
             log.warning("buffer %s: new telemetry is not written from seq %d on (reported as "
@@ -464,6 +470,7 @@ class Outbox:
         self.db.execute("UPDATE stream_state SET last_seq = MAX(last_seq, ?) WHERE stream = ?",
                         [last, stream])
         self.mark_acked([(stream, first, last)])
+        self._owed = True
         return drop_id
 
     def _emit_pending_events(self, nxt: dict[str, int], skip: int | None = None) -> None:
@@ -471,11 +478,13 @@ class Outbox:
         unreported drop, ``buffer_full``; ``nxt`` (next seq per stream) is advanced. The
         caller clears ``_full_event`` once its transaction committed."""
         bodies: list[tuple[int | None, dict[str, Any]]] = []
+        if not self._owed and self._full_event is None:
+            return  # no drop unreported: no query (this runs with every write)
         for drop_id, dts, stream, first, last, count, reason in self.db.execute(
                 "SELECT id, ts, stream, first_seq, last_seq, count, reason FROM drops "
                 "WHERE event_seq IS NULL ORDER BY id").fetchall():
             if drop_id == skip:
-                continue
+                continue  # (still growing: reported once it is complete)
             bodies.append((drop_id, {"ts": dts, "type": f"{stream}_dropped",
                                      "data": {"stream": stream, "first_seq": first,
                                               "last_seq": last, "count": count,
@@ -489,6 +498,7 @@ class Outbox:
                             [seq, float(body["ts"]), json.dumps(body, separators=(",", ":"))])
             if drop_id is not None:
                 self.db.execute("UPDATE drops SET event_seq = ? WHERE id = ?", [seq, drop_id])
+        self._owed = skip is not None  # the open drop is still to be reported
 
     def drops(self) -> list[dict[str, Any]]:
         """Every drop: stream, first_seq, last_seq, count, reason, ts, event_seq (the

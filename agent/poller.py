@@ -180,14 +180,16 @@ class Poller:
                           self.cfg.poll.slow_interval_s)
         if not names:
             return False
+        # every point due: the device's whole plan, cached as such (no sort of the names)
+        query = None if len(names) == len(dev.profile.points) else names
         # The timeout is per transaction: a read of n requests gets n timeouts, plus the
         # time its frames take on a serial line.
-        n, wire = dev.transactions(names), dev.wire_time_s(names)
+        n, wire = dev.transactions(query), dev.wire_time_s(query)
         deadline = h.deadline_s(n, wire)
         set_request_timeout(dev, h.timeout_s)
         try:
             async with asyncio.timeout(deadline):  # no extra task per read (as wait_for makes)
-                got = await dev.read(names)
+                got = await dev.read(query)
         except (DriverError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError):
                 transport_of(dev).close()  # drop the half-finished transaction

@@ -136,7 +136,7 @@ def drain_ours(work: Path, port: int, rows: list[dict], sync: Sync) -> float:
             syncer = agent.syncer
             if (syncer is not None and syncer.cursors["telemetry"].live_after >= n
                     and not syncer.cursors["telemetry"].backlog and not syncer.inflight
-                    and not syncer.unsaved_acks and agent.buffer.delivered_seq("telemetry") >= n):
+                    and not syncer.unsaved_acks and agent.outbox.delivered_seq("telemetry") >= n):
                 break
             await asyncio.sleep(0.002)
         dt = time.perf_counter() - t0
@@ -149,7 +149,7 @@ def drain_ours(work: Path, port: int, rows: list[dict], sync: Sync) -> float:
     try:
         return asyncio.run(run())
     finally:
-        agent.buffer.close()
+        agent.close()
 
 
 def drain_bare(port: int, rows: list[dict], sync: Sync) -> float:

@@ -96,19 +96,19 @@ async def cycle_times(agent: Agent, port: int, blocks: list[tuple[int, plan.Bloc
     agent_t: list[float] = []
     bare_t: list[float] = []
     def all_due() -> None:  # every point due, as in a cycle where energy totals are read too
-        for last in agent._last_read.values():
+        for last in agent.poller.last_read.values():
             last.clear()
 
     for _ in range(5):  # warm both paths
         all_due()
-        await agent.poll_devices()
+        await agent.poller.poll(agent.mono() + 1.0)
         await bare_cycle(client, blocks)
     for _ in range(cycles):  # interleaved, so drift hits both alike
         all_due()
         t0 = time.perf_counter()
-        fresh = await agent.poll_devices()
+        got = await agent.poller.poll(agent.mono() + 1.0)
         agent_t.append(time.perf_counter() - t0)
-        assert len(fresh) == len(agent.devices), "a device did not answer"
+        assert len(got.fresh) == len(agent.devices), "a device did not answer"
         t0 = time.perf_counter()
         await bare_cycle(client, blocks)
         bare_t.append(time.perf_counter() - t0)
@@ -205,9 +205,7 @@ def main() -> None:
                 try:
                     return await cycle_times(agent, port, blocks, args.cycles)
                 finally:
-                    for transport in agent.transports:
-                        transport.close()
-                    agent.buffer.close()
+                    agent.close()
 
             agent_t, bare_t = asyncio.run(run())
         finally:

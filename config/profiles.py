@@ -47,8 +47,12 @@ class DataType(StrEnum):
     @property
     def registers(self) -> int:
         """How many 16-bit registers (or bits, for bool) one value occupies."""
-        return {"bool": 1, "int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4,
-                "uint64": 4, "float32": 2, "float64": 4}[self.value]
+        return _REGISTERS[self]
+
+
+_REGISTERS = {DataType.BOOL: 1, DataType.INT16: 1, DataType.UINT16: 1, DataType.INT32: 2,
+              DataType.UINT32: 2, DataType.INT64: 4, DataType.UINT64: 4, DataType.FLOAT32: 2,
+              DataType.FLOAT64: 4}
 
 
 class Point(BaseModel):

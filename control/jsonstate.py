@@ -21,11 +21,19 @@ from typing import Any, Self, get_args, get_origin, get_type_hints
 
 __all__ = ["Json", "decode", "decode_dataclass", "encode"]
 
+_SCALARS = (str, int, float, bool, type(None))
+_FIELDS: dict[type, tuple[str, ...]] = {}  # a dataclass's field names (encode runs every cycle)
 
 
 def encode(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name)) for f in fields(value)}
+    cls = type(value)
+    if cls in _SCALARS:
+        return value
+    names = _FIELDS.get(cls)
+    if names is None and is_dataclass(value) and not isinstance(value, type):
+        names = _FIELDS[cls] = tuple(f.name for f in fields(value))
+    if names is not None:
+        return {n: encode(getattr(value, n)) for n in names}
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, list | tuple):

@@ -463,6 +463,33 @@ class SupervisorState(Json):
     cycle: CycleNote = field(default_factory=CycleNote)
 
 
+def _clone(st: SupervisorState) -> SupervisorState:
+    """A copy of the state that ``step`` and ``outcome`` may change freely: every part they
+    change in place is copied (loads, the command, the check, the escalations, the delivery,
+    the history, the records, the clock, the report); what they only ever replace is shared
+    (the mode parameters and state — ``modes.step`` returns new ones — and the DR scheduler's
+    dict). Much cheaper than a deep copy: it runs twice a cycle."""
+    out = copy.copy(st)
+    out.clock = copy.copy(st.clock)
+    out.loads = {n: copy.copy(ld) for n, ld in st.loads.items()}
+    if st.command is not None:
+        cmd = out.command = copy.copy(st.command)
+        cmd.switched, cmd.unresponsive = list(cmd.switched), list(cmd.unresponsive)
+        cmd.loads = None if cmd.loads is None else list(cmd.loads)
+    out.delivery = DeliveryMeter({k: copy.copy(v) for k, v in st.delivery.events.items()})
+    out.history = PowerHistory(st.history.window_s, list(st.history.buckets))
+    out.mode_held = list(st.mode_held)
+    out.records = list(st.records)
+    out.check = None if st.check is None else copy.copy(st.check)
+    if out.check is not None:
+        out.check.loads = list(out.check.loads)
+    out.escalation = {k: copy.copy(v) for k, v in st.escalation.items()}
+    out.noise = list(st.noise)
+    out.report = dict(st.report)
+    out.cycle = copy.copy(st.cycle)
+    return out
+
+
 def initial_state(config: SupervisorConfig) -> SupervisorState:
     st = SupervisorState(history=PowerHistory(window_s=config.baseline_window_s))
     _reconcile(config, st)
@@ -1273,7 +1300,7 @@ def step(config: SupervisorConfig, state: SupervisorState | None, inputs: Inputs
     **Persist the returned state before carrying out its actions**: it already records what
     they are about to do (loads marked held, the setpoint to go back to, the command), so a
     crash between the two ends, after a restart, with control taken up where it was."""
-    st = copy.deepcopy(state) if state is not None else initial_state(config)
+    st = _clone(state) if state is not None else initial_state(config)
     cycle = _Cycle(config, st, inputs.now)
     cycle.run(inputs)
     return st, cycle.actions, cycle.records
@@ -1290,7 +1317,7 @@ def outcome(config: SupervisorConfig, state: SupervisorState, done: Sequence[Don
     if not done and state.cycle.executed is None and (state.command is None
                                                       or state.command.ending is None):
         return state, []  # nothing was carried out and nothing waits on it
-    st = copy.deepcopy(state)
+    st = _clone(state)
     cycle = _Cycle(config, st, now)
     cfg, t = config, st.clock.t
     switched: dict[str | None, dict[str, list[str]]] = {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lmt.config.profiles import DataType, Point
 
@@ -34,6 +34,10 @@ _FORMATS: dict[DataType, str] = {
     DataType.FLOAT64: "d",
 }
 _UNSIGNED: dict[int, str] = {1: "H", 2: "I", 4: "Q"}  # registers -> unsigned format
+# precompiled: decoding runs for every point of every reading
+_RAW = {t: struct.Struct(">" + f) for t, f in _FORMATS.items()}
+_PATTERN = {n: struct.Struct(">" + f) for n, f in _UNSIGNED.items()}
+_REGS = {t: t.registers for t in _FORMATS}
 
 
 def _check_register_point(point: Point) -> DataType:
@@ -42,14 +46,18 @@ def _check_register_point(point: Point) -> DataType:
     return point.type
 
 
+_WORDS = {n: struct.Struct(f">{n}H") for n in (1, 2, 3, 4)}  # n big-endian registers
+
+
 def _wire_bytes(registers: Sequence[int], point: Point) -> bytes:
     """The value's bytes, most significant first, from registers as they came off the wire."""
-    words = list(registers)
-    if any(not 0 <= w <= 0xFFFF for w in words):
-        raise ValueError(f"{point.name}: register value out of range 0..65535: {words}")
-    if point.word_order == "little":
-        words.reverse()
-    data = struct.pack(f">{len(words)}H", *words)
+    words = registers[::-1] if point.word_order == "little" else registers
+    n = len(words)
+    try:
+        data = (_WORDS[n] if n in _WORDS else struct.Struct(f">{n}H")).pack(*words)
+    except struct.error:  # a value outside 0..65535 (or not an integer)
+        raise ValueError(f"{point.name}: register value out of range 0..65535: "
+                         f"{list(registers)}") from None
     if point.byte_order == "little":
         data = b"".join(data[i + 1:i + 2] + data[i:i + 1] for i in range(0, len(data), 2))
     return data
@@ -82,21 +90,52 @@ def decode_registers(registers: Sequence[int], point: Point) -> float | bool | N
     field, else ``raw * multiplier + offset`` as a float.
     """
     dtype = _check_register_point(point)
-    n = point.size
+    n = _REGS[dtype]
     if len(registers) != n:
         raise ValueError(f"{point.name}: expected {n} registers, got {len(registers)}")
     data = _wire_bytes(registers, point)
-    raw = struct.unpack(">" + _FORMATS[dtype], data)[0]
-    pattern = struct.unpack(">" + _UNSIGNED[n], data)[0]
-    if point.invalid and _is_sentinel(pattern, point):
-        return None
+    raw = _RAW[dtype].unpack(data)[0]
+    if point.invalid or point.bit is not None:
+        pattern = _PATTERN[n].unpack(data)[0]
+        if point.invalid and _is_sentinel(pattern, point):
+            return None
+        if point.bit is not None:
+            return bool((pattern >> point.bit) & 1)
     if isinstance(raw, float) and math.isnan(raw):
         return None
-    if point.bit is not None:
-        return bool((pattern >> point.bit) & 1)
     if point.multiplier == 1.0 and point.offset == 0.0:
         return float(raw)
     return raw * point.multiplier + point.offset
+
+
+Decoder = Callable[[Sequence[int]], "float | bool | None"]
+
+
+def decoder(point: Point) -> Decoder:
+    """:func:`decode_registers` specialised for one point, for reading it again and again: the
+    common case (registers most significant first, no sentinel, no bit field) without a
+    branch; any other point through :func:`decode_registers` itself."""
+    dtype = _check_register_point(point)
+    n = _REGS[dtype]
+    if point.word_order == "little" or point.byte_order == "little" or point.invalid \
+            or point.bit is not None or n not in _WORDS:
+        return lambda registers: decode_registers(registers, point)
+    words, raw_s = _WORDS[n], _RAW[dtype]
+    mul, off = point.multiplier, point.offset
+    plain = mul == 1.0 and off == 0.0
+
+    def decode(registers: Sequence[int]) -> float | bool | None:
+        if len(registers) != n:
+            return decode_registers(registers, point)  # the error, with its message
+        try:
+            raw = raw_s.unpack(words.pack(*registers))[0]
+        except struct.error:
+            return decode_registers(registers, point)
+        if raw != raw:  # NaN
+            return None
+        return float(raw) if plain else raw * mul + off
+
+    return decode
 
 
 def encode_value(value: float | bool | None, point: Point,

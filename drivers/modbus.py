@@ -32,7 +32,7 @@ from pymodbus.pdu import ModbusPDU
 
 from lmt.config.profiles import Point, Profile, Table
 
-from .codec import decode_registers, encode_value
+from .codec import Decoder, decoder, encode_value
 from .errors import Cause, DeviceException, DeviceUnavailable, VerificationError
 from .plan import Block, due_points, plan_reads
 from .result import PointsFailure, ReadResult
@@ -246,6 +246,8 @@ class ModbusDevice:
         self.device_id = device_id
         self.profile = profile
         self._plans: dict[tuple[str, ...], list[Block]] = {}
+        # per planned block (they live in _plans): (name, offset, size, decoder) of its points
+        self._decoders: dict[int, list[tuple[str, int, int, Decoder]]] = {}
         self.last_latency_s = 0.0
         #: The blocks the last ``read_points(partial=True)`` could not get (:meth:`read` returns
         #: them instead, and leaves this alone).
@@ -346,13 +348,18 @@ class ModbusDevice:
                     raise
                 failures.append((tuple(p.name for p in block.points), exc))
                 continue
-            for p in block.points:
-                assert p.address is not None  # a planned block holds Modbus points only
-                off = p.address - block.address
-                if block.table.is_bit:
-                    out[p.name] = bool(data[off])
-                else:
-                    out[p.name] = decode_registers(data[off: off + p.size], p)
+            if block.table.is_bit:
+                for p in block.points:
+                    assert p.address is not None  # a planned block holds Modbus points only
+                    out[p.name] = bool(data[p.address - block.address])
+                continue
+            decoders = self._decoders.get(id(block))
+            if decoders is None:
+                decoders = self._decoders[id(block)] = [
+                    (p.name, (p.address or 0) - block.address, p.size, decoder(p))
+                    for p in block.points]
+            for name, off, size, decode in decoders:
+                out[name] = decode(data[off: off + size])
         if failures and len(failures) == len(blocks):
             raise failures[0][1]
         self.last_latency_s = time.monotonic() - start

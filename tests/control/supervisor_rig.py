@@ -184,7 +184,10 @@ class Rig:
             self.history.append(log)
             return log
         done = self.carry_out(actions)
+        before = json.dumps(state.to_dict())
+        stepped = state
         state, more = outcome(self.cfg, state, done, self.wall)
+        assert json.dumps(stepped.to_dict()) == before, "outcome changed its argument"
         self.persist(state)
         self.state = state
         log = Log(list(actions), [*records, *more], site)

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from lmt.config.profiles import DataType, Point, Table, available_profiles, load_profile
-from lmt.drivers.codec import decode_registers, encode_value
+from lmt.drivers.codec import decode_registers, decoder, encode_value
 from lmt.drivers.plan import (
     MAX_BITS,
     MAX_REGISTERS,
@@ -189,6 +189,32 @@ def test_simulator_and_driver_agree_on_random_values() -> None:
             assert got == pytest.approx(value, rel=1e-12, abs=abs(p.multiplier) * 1e-9)
         assert encode_value(value, p) == words  # and the driver encodes it the same way
         assert sim_decode(words, p) == got if got is not None else sim_decode(words, p) is None
+        fast = decoder(p)(words)  # the specialised decoder the driver reads with
+        assert fast == got and type(fast) is type(got)
+
+
+def test_the_specialised_decoder_is_decode_registers() -> None:
+    """Sentinels, NaN, bit fields, scaling, word orders and bad input: the same answers."""
+    rng = random.Random(2)
+    cases = [pt("v", 0, "float32", table="holding"), pt("v", 0, "int16", table="holding",
+                                                         invalid=[0x8000]),
+             pt("v", 0, "uint32", table="holding", multiplier=0.1, offset=-5.0),
+             pt("v", 0, "uint16", table="holding", bit=3),
+             pt("v", 0, "float64", table="holding", word_order="little"),
+             pt("v", 0, "int32", table="holding", byte_order="little")]
+    nan32 = list(struct.unpack(">2H", struct.pack(">f", math.nan)))
+    for p in cases:
+        for regs in ([rng.randrange(0x10000) for _ in range(p.size)] for _ in range(200)):
+            want = decode_registers(regs, p)
+            got = decoder(p)(regs)
+            assert got == want or (got is None and want is None) or (
+                isinstance(got, float) and math.isnan(got) and math.isnan(want))  # type: ignore[arg-type]
+    assert decoder(cases[0])(nan32) is None and decode_registers(nan32, cases[0]) is None
+    for p in cases[:3]:
+        with pytest.raises(ValueError):
+            decoder(p)([0x1_0000] * p.size)
+        with pytest.raises(ValueError):
+            decoder(p)([1] * (p.size + 1))
 
 
 # -- planning: merging, limits, barriers ---------------------------------------------------------
