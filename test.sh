@@ -6,4 +6,5 @@ cd "$(dirname "$0")"
 source scripts/bootstrap.sh
 ruff check .
 mypy  # every package (pyproject.toml, [tool.mypy]), default mode, with the pyserial stubs
-python -m pytest -q "$@"
+# three workers, a test file each at a time: most tests wait on sockets and timers, not the CPU
+python -m pytest -q -n 3 --dist loadfile "$@"
