@@ -2,8 +2,7 @@
 
 A device reads its points (``read(names)``: a :class:`~lmt.drivers.result.ReadResult`, the
 values that could be read and the blocks or data identifiers that failed, each error with its
-``cause``; ``read_points(names, partial=True)``, kept until its users move to ``read``, leaves
-the failures in ``last_failures``), says what a read costs (``transactions(names)`` requests,
+``cause``), says what a read costs (``transactions(names)`` requests,
 ``wire_time_s(names)`` on a serial line: the agent's deadline for the read), may write them
 (Modbus), and has a transport (a TCP connection, or a serial line shared by the devices on it)
 that the agent resets after a timeout.
@@ -16,7 +15,6 @@ from typing import Any, Protocol
 from lmt.config.agent import AgentConfig
 from lmt.config.profiles import Profile, load_profile
 from lmt.drivers.dlt645 import Dlt645Meter
-from lmt.drivers.errors import DriverError
 from lmt.drivers.modbus import ModbusBus, ModbusDevice, ModbusTcpBus
 from lmt.drivers.modbus_rtu import ModbusRtuBus
 from lmt.drivers.plan import due_points
@@ -29,14 +27,13 @@ class Transport(Protocol):
 
 
 class Device(Protocol):
+    """What the poller needs of a device (Modbus devices and DL/T 645 meters have it); the
+    actuator's side is :class:`lmt.agent.actuator.Writable`."""
+
     name: str
     profile: Profile
-    last_failures: list[tuple[tuple[str, ...], DriverError]]
 
     async def read(self, names: Any = None) -> ReadResult: ...
-
-    async def read_points(self, names: Any = None, *, partial: bool = False
-                          ) -> dict[str, Any]: ...
 
     def transactions(self, names: Any = None) -> int: ...
 

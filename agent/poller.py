@@ -22,7 +22,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from lmt.config.agent import AgentConfig
 from lmt.config.agent import Device as DeviceConfig
 from lmt.drivers.errors import DriverError
 
-from .devices import due_names, set_request_timeout, transport_of
+from .devices import Device, due_names, set_request_timeout, transport_of
 from .health import DeviceHealth, HealthPolicy
 from .messages import EventType, event_body, reading_body
 
@@ -62,7 +62,7 @@ def health_policy(cfg: AgentConfig, d: DeviceConfig) -> HealthPolicy:
 
 
 class Poller:
-    def __init__(self, cfg: AgentConfig, devices: dict[str, Any], sink: Sink,
+    def __init__(self, cfg: AgentConfig, devices: Mapping[str, Device], sink: Sink,
                  clock: Callable[[], float] = time.time,
                  mono: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg

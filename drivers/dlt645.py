@@ -532,9 +532,6 @@ class Dlt645Meter:
         self.poll_interval_s = poll_interval_s
         self.preamble = preamble
         self.last_latency_s = 0.0
-        #: Data identifiers the last ``read_points(partial=True)`` could not get: their point
-        #: names and the error (:meth:`read` returns them instead, and leaves this alone).
-        self.last_failures: list[PointsFailure] = []
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -633,17 +630,10 @@ class Dlt645Meter:
         """
         return await self._read(names, partial=True)
 
-    async def read_points(self, names: Iterable[str] | None = None, *,
-                          partial: bool = False) -> dict[str, float | None]:
-        """Read points (all of the profile's when ``names`` is None), one request per DI.
-
-        Every failure raises, unless ``partial``: then it reads as :meth:`read` does, and the
-        DIs left out are in :attr:`last_failures` (prefer :meth:`read`, which returns them).
-        """
-        self.last_failures = []
-        result = await self._read(names, partial)
-        self.last_failures = list(result.failures)
-        return result.values
+    async def read_points(self, names: Iterable[str] | None = None) -> dict[str, float | None]:
+        """Read points (all of the profile's when ``names`` is None), one request per DI; every
+        failure raises (the field tools' strict read; :meth:`read` reads what it can)."""
+        return (await self._read(names, False)).values
 
     async def _read(self, names: Iterable[str] | None, partial: bool) -> ReadResult:
         """The DI reads of :meth:`read` (``partial``) and of a strict :meth:`read_points`."""

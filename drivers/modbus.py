@@ -249,9 +249,6 @@ class ModbusDevice:
         # per planned block (they live in _plans): (name, offset, size, decoder) of its points
         self._decoders: dict[int, list[tuple[str, int, int, Decoder]]] = {}
         self.last_latency_s = 0.0
-        #: The blocks the last ``read_points(partial=True)`` could not get (:meth:`read` returns
-        #: them instead, and leaves this alone).
-        self.last_failures: list[PointsFailure] = []
         #: Adjacent coils in one request (function 15); False once the device answered
         #: "illegal function" to one: then one coil per request (function 05).
         self.multi_coil_writes = True
@@ -322,17 +319,10 @@ class ModbusDevice:
         """
         return await self._read(names, partial=True)
 
-    async def read_points(self, names: Iterable[str] | None = None, *,
-                          partial: bool = False) -> dict[str, Value]:
-        """Read points (all of the profile's when ``names`` is None) in planned block reads.
-
-        Any failure raises, unless ``partial``: then it reads as :meth:`read` does, and the
-        blocks left out are in :attr:`last_failures` (prefer :meth:`read`, which returns them).
-        """
-        self.last_failures = []
-        result = await self._read(names, partial)
-        self.last_failures = list(result.failures)
-        return result.values
+    async def read_points(self, names: Iterable[str] | None = None) -> dict[str, Value]:
+        """Read points (all of the profile's when ``names`` is None) in planned block reads;
+        any failure raises (the field tools' strict read; :meth:`read` reads what it can)."""
+        return (await self._read(names, False)).values
 
     async def _read(self, names: Iterable[str] | None, partial: bool) -> ReadResult:
         """The block reads of :meth:`read` (``partial``) and of a strict :meth:`read_points`."""
@@ -424,7 +414,7 @@ class ModbusDevice:
         written = [n for n in order if n not in errors]
         if verify and written:
             try:
-                got = await self.read_points(written, partial=True)
+                got = (await self.read(written)).values
             except Exception as exc:  # written, but not confirmed
                 got = {}
                 for n in written:

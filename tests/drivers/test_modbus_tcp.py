@@ -13,6 +13,7 @@ from lmt.agent.broker import free_port
 from lmt.config import load_profile, load_site
 from lmt.drivers.errors import DeviceException, DeviceUnavailable, VerificationError
 from lmt.drivers.modbus_tcp import ModbusDevice, ModbusTcpBus
+from lmt.drivers.result import ReadResult
 from lmt.firmware_sim import SimulatedSite
 from tests.conftest import EXAMPLES
 
@@ -119,12 +120,13 @@ def test_write_coils_falls_back_to_single_writes_without_function_15() -> None:
 def test_write_coils_reports_each_point() -> None:
     async def body(site: SimulatedSite, bus: ModbusTcpBus) -> None:
         relays = ModbusDevice("relays", bus, 2, load_profile("generic-relay-8"))
-        original = relays.read_points
+        original = relays.read
 
-        async def stuck(names: Any = None, **kw: Any) -> dict[str, Any]:  # relay_2 sticks on
-            got = await original(names, **kw)
-            return {k: (True if k == "relay_2" else v) for k, v in got.items()}
-        relays.read_points = stuck  # type: ignore[method-assign]
+        async def stuck(names: Any = None) -> ReadResult:  # relay_2 sticks on
+            got = await original(names)
+            return ReadResult({k: (True if k == "relay_2" else v) for k, v in got.values.items()},
+                              got.failures)
+        relays.read = stuck  # type: ignore[method-assign]
         got = await relays.write_coils({"relay_1": False, "relay_2": False})
         assert got["relay_1"] is None
         assert isinstance(got["relay_2"], VerificationError)
@@ -224,28 +226,28 @@ def test_one_failing_block_leaves_the_others_read() -> None:
             with pytest.raises(DeviceException) as ei:
                 await sub.read_points()
             assert ei.value.code == 2
-            # partial: the three good blocks are read, the failing one is left out and named
-            values = await sub.read_points(partial=True)
+            # read(): the three good blocks are read, the failing one is left out and named
+            got = await sub.read()
+            values = got.values
             assert set(values) == {p.name for p in ADL400.points} - set(PF_BLOCK)
             assert values["voltage_l1_v"] == pytest.approx(230.0, rel=0.1)
             assert values["import_energy_kwh"] > 0
-            [(points, exc)] = sub.last_failures
+            [(points, exc)] = got.failures
             assert points == PF_BLOCK
             assert isinstance(exc, DeviceException) and exc.code == 2
             assert "illegal data address" in str(exc)
             # every block failing is a failure of the device, as before
             with pytest.raises(DeviceException):
-                await sub.read_points(["frequency_hz", "power_factor"], partial=True)
-            assert sub.last_failures == []
+                await sub.read(["frequency_hz", "power_factor"])
             # a device that does not answer at all still raises: unreachable, not partial
             ghost = ModbusDevice("ghost", bus, 9, ADL400)
             with pytest.raises(DeviceException) as ei:
-                await ghost.read_points(partial=True)
+                await ghost.read()
             assert ei.value.code == 11
             # an answering device with nothing failing: no failures listed
             meter = ModbusDevice("main-meter", bus, 1, load_profile("eastron-sdm630"))
-            assert "power_w" in await meter.read_points(partial=True)
-            assert meter.last_failures == []
+            got = await meter.read()
+            assert "power_w" in got.values and got.failures == ()
         finally:
             bus.close()
             await site.stop()

@@ -52,23 +52,24 @@ def test_one_undecodable_data_identifier_leaves_the_others_read() -> None:
         sim.set_raw(A1, DI_V1, b"\xab\xcd")  # not BCD: the meter's data for this DI is broken
         with pytest.raises(Dlt645FrameError, match="not BCD"):  # strict: the whole read fails
             await meter.read_points(names)
-        values = await meter.read_points(names, partial=True)
-        assert values == {"voltage_l2_v": pytest.approx(229.9), "power_kw": pytest.approx(4.3212)}
-        [(points, exc)] = meter.last_failures
+        got = await meter.read(names)
+        assert got.values == {"voltage_l2_v": pytest.approx(229.9),
+                              "power_kw": pytest.approx(4.3212)}
+        [(points, exc)] = got.failures
         assert points == ("voltage_l1_v",) and isinstance(exc, Dlt645FrameError)
         assert f"DI {DI_V1}" in str(exc)
         # too short for its format: the same
         sim.set_raw(A1, DI_V1, b"\x12")
-        assert "voltage_l1_v" not in await meter.read_points(names, partial=True)
-        assert "needs 2" in str(meter.last_failures[0][1])
+        got = await meter.read(names)
+        assert "voltage_l1_v" not in got.values
+        assert "needs 2" in str(got.failures[0][1])
         # every DI failing is a failure of the meter
         with pytest.raises(Dlt645FrameError):
-            await meter.read_points(["voltage_l1_v"], partial=True)
+            await meter.read(["voltage_l1_v"])
         # mended: read again, nothing failing
         sim.set_raw(A1, DI_V1, bytes.fromhex("4323"))  # 234.3 V: BCD 2343, low byte first
-        assert (await meter.read_points(names, partial=True))["voltage_l1_v"] == \
-            pytest.approx(234.3)
-        assert meter.last_failures == []
+        again = await meter.read(names)
+        assert again.values["voltage_l1_v"] == pytest.approx(234.3) and again.failures == ()
     run_line(body)
 
 
@@ -76,10 +77,10 @@ def test_a_refusing_or_silent_meter_still_fails_the_read() -> None:
     async def body(sim: Dlt645Line, meter: Dlt645Meter) -> None:
         sim.set_faults(A1, Faults(exception_code=4))  # every request refused
         with pytest.raises(Dlt645Refused, match="not authorised"):
-            await meter.read_points(["voltage_l1_v", "power_kw"], partial=True)
+            await meter.read(["voltage_l1_v", "power_kw"])
         sim.set_faults(A1, Faults(offline=True))
         with pytest.raises(Exception, match="no answer"):
-            await meter.read_points(["voltage_l1_v", "power_kw"], partial=True)
+            await meter.read(["voltage_l1_v", "power_kw"])
     run_line(body)
 
 
