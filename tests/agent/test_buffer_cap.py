@@ -19,12 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 import tomli_w
+from paho.mqtt.enums import CallbackAPIVersion
 
 from lmt.agent.broker import Broker, free_port
 from lmt.agent.outbox import Outbox
-from lmt.agent.platform import _Client
 from tests.agent.harness import write_agent_config
 from tests.conftest import lmt_argv, serve_site, wait_until
 
@@ -303,6 +304,16 @@ def test_agent_outage_longer_than_the_cap(tmp_path: Path, metered_site: int) -> 
             pre.append("results", [result(n)])
     pre.close()
 
+    # The platform's subscriber has a persistent session on the broker, made before the
+    # outage: what the agent publishes the moment the broker is back (it retries every 0.5 s)
+    # is queued for it even if the agent reconnects first.
+    broker = Broker(port=port, persistence=True)
+    broker.start()
+    sub = _Persistent(port)
+    sub.stop()
+    broker.stop()
+    got: dict[str, set[int]] = {"telemetry": set(), "events": set(), "results": set()}
+    reported: list[dict[str, Any]] = []
     log = tmp_path / "agent.log"
     with SizeSampler(db) as sizes, open(log, "wb") as log_out:
         agent = subprocess.Popen(lmt_argv("run", "--config", str(cfg_path)),
@@ -311,45 +322,42 @@ def test_agent_outage_longer_than_the_cap(tmp_path: Path, metered_site: int) -> 
             wait_until(lambda: agent.poll() is not None or len(read_db(
                 db, "SELECT id FROM drops")) >= 2, 45, "two drops during the outage")
             assert agent.poll() is None, log.read_text()
-            with Broker(port=port) as broker:
-                sub = _Client("127.0.0.1", broker.port)
-                sub.connect(["lmt/v1/demo-0001/#"])
-                try:
-                    def settled(stream: str) -> bool:
-                        (done, last), = read_db(
-                            db, "SELECT delivered_seq, last_seq FROM stream_state WHERE "
-                                "stream = ?", (stream,))
-                        top = read_db(db, "SELECT MAX(seq) FROM outbox WHERE stream = ?",
-                                      (stream,))[0][0] or 0
-                        return done >= max(last, top)
+            broker.start()
+            sub = _Persistent(port)
+            try:
+                def settled(stream: str) -> bool:
+                    (done, last), = read_db(
+                        db, "SELECT delivered_seq, last_seq FROM stream_state WHERE "
+                            "stream = ?", (stream,))
+                    top = read_db(db, "SELECT MAX(seq) FROM outbox WHERE stream = ?",
+                                  (stream,))[0][0] or 0
+                    return done >= max(last, top)
 
-                    wait_until(lambda: settled("events") and settled("results"), 30,
-                               "events and results to be delivered")
-                    (backlog_end,), = read_db(db, "SELECT MAX(seq) FROM outbox WHERE "
-                                                  "stream = 'telemetry'")
-                    wait_until(lambda: read_db(db, "SELECT delivered_seq FROM stream_state "
-                                                   "WHERE stream = 'telemetry'")[0][0]
-                               >= backlog_end, 30, "the telemetry backlog to be delivered")
-                    agent.send_signal(signal.SIGTERM)
-                    assert agent.wait(20) == 0
-                    got: dict[str, set[int]] = {"telemetry": set(), "events": set(),
-                                                "results": set()}
-                    reported: list[dict[str, Any]] = []
-                    deadline = time.monotonic() + 5
-                    while time.monotonic() < deadline:
-                        try:
-                            msg = sub.messages.get(timeout=0.5)
-                        except queue.Empty:
-                            break
-                        if msg.topic.endswith("/status"):
-                            continue
-                        batch = json.loads(msg.payload)
-                        for rec in batch["records"]:
-                            got[batch["stream"]].add(rec["seq"])
-                            if batch["stream"] == "events" and rec["type"] == "telemetry_dropped":
-                                reported.append(rec["data"])
-                finally:
-                    sub.close()
+                wait_until(lambda: settled("events") and settled("results"), 30,
+                           "events and results to be delivered")
+                (backlog_end,), = read_db(db, "SELECT MAX(seq) FROM outbox WHERE "
+                                              "stream = 'telemetry'")
+                wait_until(lambda: read_db(db, "SELECT delivered_seq FROM stream_state "
+                                               "WHERE stream = 'telemetry'")[0][0]
+                           >= backlog_end, 30, "the telemetry backlog to be delivered")
+                agent.send_signal(signal.SIGTERM)
+                assert agent.wait(20) == 0
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    try:
+                        topic, payload = sub.messages.get(timeout=0.5)
+                    except queue.Empty:
+                        break
+                    if topic.endswith("/status"):
+                        continue
+                    batch = json.loads(payload)
+                    for rec in batch["records"]:
+                        got[batch["stream"]].add(rec["seq"])
+                        if batch["stream"] == "events" and rec["type"] == "telemetry_dropped":
+                            reported.append(rec["data"])
+            finally:
+                sub.stop()
+                broker.stop()
         finally:
             if agent.poll() is None:
                 agent.kill()
@@ -376,3 +384,23 @@ def test_agent_outage_longer_than_the_cap(tmp_path: Path, metered_site: int) -> 
             "telemetry gaps are not exactly the reported drops"
     finally:
         buf.close()
+
+
+class _Persistent:
+    """A platform subscriber with a persistent session (QoS 1, clean_session false)."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cap-test-platform",
+                             protocol=mqtt.MQTTv311, clean_session=False)
+        subscribed = threading.Event()
+        self.c.on_connect = lambda c, u, f, rc, p: c.subscribe("lmt/v1/demo-0001/#", qos=1)
+        self.c.on_subscribe = lambda *a: subscribed.set()
+        self.c.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload)))
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        wait_until(subscribed.is_set, 10, "the platform's subscription")
+
+    def stop(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
