@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import to_json
+
 from .buffer import STREAMS, BufferError, BufferFile
 
 log = logging.getLogger("lmt.agent.buffer")
@@ -68,6 +70,7 @@ class Outbox:
         self._full_event: dict[str, Any] | None = None  # buffer_full event to write next
         self._open_drop: int | None = None  # drops.id still growing (new telemetry refused)
         self._owed = True  # a drop may be unreported (looked up at the next write)
+        self._room_left = 0  # bytes that may be written before the file's size is asked again
         try:
             self._next_seq = {s: self._max_seq(s) + 1 for s in STREAMS}
             self._configure_cap()
@@ -135,8 +138,8 @@ class Outbox:
         if stream not in STREAMS:
             raise ValueError(f"unknown stream {stream!r}")
         now = time.time() if ts is None else ts
-        rows = [(float(body.get("ts", now)), body, json.dumps(body, separators=(",", ":")))
-                for body in bodies]
+        # compact JSON, the same text as json.dumps(body, separators=(",", ":")) but faster
+        rows = [(float(body.get("ts", now)), body, to_json(body).decode()) for body in bodies]
         if not rows:
             return []
         need = self._estimate(len(text) for _, _, text in rows)
@@ -348,7 +351,12 @@ class Outbox:
 
     def _make_room(self, stream: str, need: int, disk_full: bool = False) -> bool:
         """Make room for ``need`` bytes of new ``stream`` records; False: do not write them."""
+        if not disk_full and not self._full and self._room_left > need:
+            self._room_left -= need  # far below the mark: no need to ask the file (every write)
+            return True
         live = self._live_bytes()
+        # ask the file again once half the room to the high-water mark is used
+        self._room_left = max(0, (self.high_water - live - need) // 2)
         if not disk_full and live + need <= self.high_water:
             return self._room_again(live + need)
         target = self.low_water - need

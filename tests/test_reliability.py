@@ -118,8 +118,12 @@ def written(db: Path, stream: str = "telemetry") -> int:
 
 
 def start_agent(cfg: Path) -> subprocess.Popen[bytes]:
+    """`lmt run`; its log goes to agent.log next to the configuration (shown on a failure)."""
+    log = open(cfg.parent / "agent.log", "ab")
+    log.write(b"---- start\n")
+    log.flush()
     return subprocess.Popen(lmt_argv("run", "--config", str(cfg)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=log)
 
 
 def finish(agent: subprocess.Popen[bytes], consumer: Consumer, db: Path) -> None:
@@ -174,10 +178,12 @@ def test_agent_sigkilled_five_times_while_publishing(tmp_path: Path, site: int) 
                                 poll={"interval_s": 0.1}, buffer={"flush_interval_s": 0.1},
                                 sync={"max_batch": 5, "backlog_rate": 0.0})
     db = tmp_path / "buffer.sqlite"
-    buf = Outbox.open(db)  # a heavy backlog: an hour of a two-device site
-    t0 = time.time() - 3600
+    # a heavy backlog: three hours of a two-device site, so that it lasts through the five
+    # kills (the five random moments take at most 7,500 records of it)
+    buf = Outbox.open(db)
+    t0 = time.time() - 3 * 3600
     buf.append("telemetry", [{"ts": t0 + i / 2, "device": "main-meter",
-                              "values": {"power_w": float(i)}} for i in range(7200)])
+                              "values": {"power_w": float(i)}} for i in range(21600)])
     buf.close()
     consumer = Consumer(broker.port)
     agent = start_agent(cfg)
@@ -185,8 +191,13 @@ def test_agent_sigkilled_five_times_while_publishing(tmp_path: Path, site: int) 
         for _ in range(5):
             seen = consumer.drain()
             k = rng.randint(20, 1500)  # a random moment while it publishes
-            wait_until(lambda seen=seen, k=k: consumer.drain() >= seen + k, 60,
-                       f"{k} more records")
+            try:
+                wait_until(lambda seen=seen, k=k: consumer.drain() >= seen + k, 60,
+                           f"{k} more records")
+            except AssertionError as exc:
+                log = (tmp_path / "agent.log").read_text(errors="replace")[-4000:]
+                raise AssertionError(f"{exc}; the consumer has {consumer.tracker.ranges}; "
+                                     f"the agent's log ends:\n{log}") from None
             agent.kill()
             agent.wait(10)
             agent = start_agent(cfg)
