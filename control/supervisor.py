@@ -1194,6 +1194,8 @@ class _Cycle:
             restore_only = True
         self.apply(dec, site, owner, restore_only=restore_only, shed_only=shed_only)
         self.rewrite_setpoints(owner)
+        for gone in [o for o in st.escalation if o not in {c for _, c in caps}]:
+            del st.escalation[gone]  # an event or command no longer in control
         if cmd is not None and not cmd.executed:
             st.cycle.executed = {"site_kw": site, "cap_kw": cap, "owner": owner}
 
@@ -1204,6 +1206,7 @@ class _Cycle:
         if not self.any_held():
             st.dr_owner = None
             st.mode_freed = False
+            st.escalation.clear()
             return
         if dr is not None and dr.recovering and dr.restore_ceiling_kw is not None:
             if site is None:
@@ -1228,8 +1231,10 @@ class _Cycle:
 
     def stop(self, inp: Inputs) -> None:
         """The agent stops: no load stays off. The active command's loads come back at once
-        and it fails (in :func:`outcome`, once the writes are done); a DR event stays in its
-        state and resumes control at the next start; loads held by a tripped round stay off."""
+        and it fails (in :func:`outcome`, once the writes are done); one that had already ended
+        and was bringing its loads back ends as it would have, once they are back (a load that
+        would not come back is tried again at the next start). A DR event stays in its state
+        and resumes control at the next start; loads held by a tripped round stay off."""
         cmd = self.st.command
         if cmd is None:
             if self.any_held():
@@ -1238,7 +1243,8 @@ class _Cycle:
                     f" (DR event {owner} resumes control at the next start)" if owner else ""),
                     owner, staggered=False)
             return
-        cmd.ending = "stopped"
+        if cmd.ending is None:
+            cmd.ending = "stopped"
         self.release(inp.recent_kw, "agent stopping", cmd.id, staggered=False)
 
     def settle(self, recent: float | None, final: bool) -> None:

@@ -628,3 +628,15 @@ def test_an_adjustable_load_is_unknown_until_read_and_held_until_back_where_it_w
     rig.pct["charger"] = 100.0
     rig.cycle()
     assert not rig.state.loads["charger"].held
+
+
+def test_stopping_while_a_command_releases_ends_it_as_it_was_ending() -> None:
+    rig = Rig(config(restore_step_kw=20.0))
+    rig.cycle()
+    rig.cycle([cap("c1", 150.0, 3.0)])
+    rig.run(2)
+    assert rig.cycle().names(rig.cfg) == ["restore chiller"]  # the end: staggered
+    log = rig.cycle(stopping=True)
+    assert log.names(rig.cfg) == ["restore ev"]  # the rest at once
+    assert [r["status"] for r in log.results()] == ["completed"]
+    assert rig.state.command is None and rig.off() == []
