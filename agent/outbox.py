@@ -71,6 +71,7 @@ class Outbox:
         self._open_drop: int | None = None  # drops.id still growing (new telemetry refused)
         self._owed = True  # a drop may be unreported (looked up at the next write)
         self._room_left = 0  # bytes that may be written before the file's size is asked again
+        self._checkpoint_due = False  # room was made inside a transaction: checkpoint after it
         try:
             self._next_seq = {s: self._max_seq(s) + 1 for s in STREAMS}
             self._configure_cap()
@@ -97,7 +98,10 @@ class Outbox:
         except BaseException:
             self._next_seq, self._open_drop, self._full_event, self._full = saved
             self._owed = True  # what the rolled-back writes reported is owed again
+            self._room_left = 0
             raise
+        if self._checkpoint_due and not self.db.conn.in_transaction:
+            self._checkpoint()
 
     def _max_seq(self, stream: str) -> int:
         """The highest sequence number ever given in ``stream``: never reused, even when its
@@ -145,7 +149,10 @@ class Outbox:
         need = self._estimate(len(text) for _, _, text in rows)
         try:
             keep = self._make_room(stream, need)
-            return self._write(stream, rows, keep)
+            written = self._write(stream, rows, keep)
+            if self._checkpoint_due:
+                self._checkpoint()  # (postponed again when this runs inside a transaction)
+            return written
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorname != "SQLITE_FULL":
                 raise
@@ -346,7 +353,12 @@ class Outbox:
         return int(self.db.execute("PRAGMA page_count").fetchone()[0]) * self.page_size
 
     def _checkpoint(self) -> None:
-        """Copy the WAL into the file and cut it to zero bytes (needs no other reader)."""
+        """Copy the WAL into the file and cut it to zero bytes (needs no other reader). Inside a
+        transaction SQLite refuses it (SQLITE_LOCKED): then it is done once that commits."""
+        if self.db.conn.in_transaction:
+            self._checkpoint_due = True
+            return
+        self._checkpoint_due = False
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _make_room(self, stream: str, need: int, disk_full: bool = False) -> bool:

@@ -25,7 +25,9 @@ import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
 
 from lmt.agent.broker import Broker, free_port
+from lmt.agent.buffer import BufferFile
 from lmt.agent.outbox import Outbox
+from lmt.agent.state_store import StateStore
 from tests.agent.harness import write_agent_config
 from tests.conftest import lmt_argv, serve_site, wait_until
 
@@ -404,3 +406,24 @@ class _Persistent:
     def stop(self) -> None:
         self.c.disconnect()
         self.c.loop_stop()
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_making_room_inside_a_cycles_transaction(tmp_path: Path, where: str) -> None:
+    """A cycle's state and records are one transaction; when its records pass the high-water
+    mark, room is made in it (SQLite checkpoints only after the commit, never inside it)."""
+    path = tmp_path / "b.sqlite"
+    f = BufferFile(path) if where == "file" else BufferFile.in_memory(path)
+    out, store = Outbox(f, max_mb=1.0), StateStore(f)
+    body = {"ts": 1.0, "device": "m", "values": {f"p{i}": 1.0 for i in range(40)}}
+    while out._live_bytes() + 20000 < out.high_water:
+        out.append("telemetry", [body] * 20, ts=1.0)
+    ev = {"ts": 2.0, "type": "load_shed", "data": {"detail": "x" * 2000}}
+    for _ in range(2):
+        with out.transaction():
+            store.save_text("supervisor", "{}", 2.0)
+            for _ in range(30):
+                out.append("events", [ev] * 5, ts=2.0)
+    assert out.drops(), "room was made: old telemetry dropped"
+    assert len(out.pending("events", 0, 1000)) >= 300
+    f.close()
