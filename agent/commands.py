@@ -5,9 +5,11 @@ queue (:data:`QUEUE` messages, :data:`QUEUE_BYTES` bytes). Each cycle spends at 
 :data:`BUDGET_SHARE` of ``poll.interval_s`` verifying them (Ed25519 signature over the exact
 body bytes, terminal, validity window, schema: :func:`lmt.agent.security.verify_command`),
 checks the id against the ids already seen (kept in the state store, so a replay is refused
-after a restart too) and remembers it, and hands the verified ones to the supervisor as
-requests (:mod:`lmt.control.supervisor`), which decides what they do. Refusals are answered
-on the result topic within :data:`ANSWER_WITHIN_S`, several in one transaction. A flood cannot
+after a restart too), and hands the verified ones to the supervisor as requests
+(:mod:`lmt.control.supervisor`), which decides what they do. Their ids are remembered in the
+same transaction as the supervisor's answer to them (:meth:`Intake.seen`): a crash in between
+leaves neither, and the platform's resend is carried out. Refusals are answered on the result
+topic within :data:`ANSWER_WITHIN_S`, several in one transaction. A flood cannot
 starve polling and control: what does not fit in the queue is dropped (the oldest first),
 counted and reported (``commands_dropped``), and no exception raised by one message can end
 the agent.
@@ -107,6 +109,7 @@ class Intake:
         self.max_queue, self.max_bytes = queue, queue_bytes
         self.requests: list[Request] = []
         self.stopping = False
+        self._pending: dict[str, tuple[float, float]] = {}  # verified, not yet remembered
         self._bytes = 0
         self._spent = 0.0
         self._answers: list[dict[str, Any]] = []
@@ -214,7 +217,7 @@ class Intake:
             else:
                 self._refuse(results, r.command_id, r.reason, r.detail)
             return
-        if self.store.command_seen(cmd.id):
+        if cmd.id in self._pending or self.store.command_seen(cmd.id):
             self._refuse(results, cmd.id, "replayed",
                          "this command id was received before (a duplicate delivery never "
                          "changes the original command)")
@@ -222,5 +225,16 @@ class Intake:
         if self.stopping:  # not remembered: the platform may send it again after the restart
             self._refuse(results, cmd.id, "unavailable", "the terminal is stopping")
             return
-        self.store.remember_command(cmd.id, cmd.expires_at, now)
+        self._pending[cmd.id] = (cmd.expires_at, now)
         self.requests.append(to_request(cmd))
+
+    def seen(self, requests: list[Request]) -> list[tuple[str, float, float]]:
+        """The ids of these requests to remember (id, expires at, received at), in the
+        transaction that saves the supervisor's answer to them; they are no longer pending."""
+        return [(r.id, *self._pending.pop(r.id)) for r in requests if r.id in self._pending]
+
+    def forget(self, requests: list[Request]) -> None:
+        """These requests were not answered (the step failed, the agent stopped): their ids are
+        not remembered, so the platform may send them again."""
+        for r in requests:
+            self._pending.pop(r.id, None)

@@ -132,15 +132,17 @@ class Agent:
             self.sync_wake.set()
 
     def commit(self, state: SupervisorState, records: Sequence[supervisor.Record],
-               optouts: Sequence[int] = ()) -> None:
-        """Save the supervisor's state and write its records, in one transaction. The state is
-        written when more than its volatile parts changed (or a minute passed)."""
+               optouts: Sequence[int] = (), seen: Sequence[tuple[str, float, float]] = ()
+               ) -> None:
+        """Save the supervisor's state, its records, the optouts it took and the ids of the
+        commands it answered, in one transaction. The state is written when more than its
+        volatile parts changed (or a minute passed)."""
         self.state = state
         d = state.to_dict()
         key = dumps({k: v for k, v in d.items() if k not in VOLATILE})
         now = self.clock()
         due = key != self._saved or self.mono() - self._saved_at >= SAVE_EVERY_S
-        if not (due or records or optouts):
+        if not (due or records or optouts or seen):
             return
         by_stream: dict[str, list[dict[str, Any]]] = {}
         for r in records:
@@ -149,6 +151,7 @@ class Agent:
         with self.outbox.transaction():
             self.store.save_text("supervisor", dumps(d), now)
             self.store.optouts_done(optouts)
+            self.store.remember_commands(list(seen))
             for stream in ("results", "events"):
                 if stream in by_stream:
                     self.append(stream, by_stream[stream])
@@ -175,6 +178,9 @@ class Agent:
             else None,
             loads=[p.value(ld.device, ld.point) if ld.device in result.fresh else None
                    for ld in cfg.loads],
+            loads_age_s=[self.mono() - p.read_started[ld.device]
+                         if ld.device in result.fresh and ld.device in p.read_started else None
+                         for ld in cfg.loads],
             requests=requests, optouts=optouts,
             contact=self.link is not None and self.link.connected, stopping=stopping)
 
@@ -187,12 +193,14 @@ class Agent:
             state, actions, records = supervisor.step(self.control, self.state, inputs)
         except Exception as exc:  # a bug in control must not stop polling and the sync
             log.exception("control step failed; nothing is switched this cycle")
+            self.intake.forget(list(requests))  # not remembered: the platform may resend them
             self.append("results", [validate_body("results", {
                 "ts": inputs.now, "command_id": r.id, "status": "rejected",
                 "reason": "unavailable", "detail": f"control failed ({type(exc).__name__})",
                 "data": {}}) for r in requests])
             return
-        self.commit(state, records, [o.request_id for o in optouts])  # persist, then actuate
+        self.commit(state, records, [o.request_id for o in optouts],  # persist, then actuate
+                    self.intake.seen(list(requests)))
         done = await self.actuator.carry_out(actions) if actions else []
         state, records = supervisor.outcome(self.control, state, done, self.clock())
         self.commit(state, records)
@@ -212,24 +220,26 @@ class Agent:
             await self.control_cycle(result, requests)
             self._housekeeping()
             next_at = max(next_at + interval, self.mono())
-            await self._wait(next_at, stop)
+            if await self._wait(next_at, stop):  # a command: a cycle now, the next one after it
+                next_at = self.mono()
 
-    async def _wait(self, until: float, stop: asyncio.Event) -> None:
-        """Until the next cycle is due, or a command is verified (it is carried out at once);
-        refusals meanwhile are answered within a few tens of milliseconds."""
+    async def _wait(self, until: float, stop: asyncio.Event) -> bool:
+        """Until the next cycle is due (False), or a command is verified (True: it is carried
+        out at once); refusals meanwhile are answered within a few tens of milliseconds."""
         intake = self.intake
         while not stop.is_set():
             self.wake.clear()
             if intake.requests:
-                return
+                return True
             due = intake.answer_due
             wait = min(until, due) if due is not None else until
             try:
                 await asyncio.wait_for(self.wake.wait(), max(0.0, wait - self.mono()))
             except TimeoutError:
                 if self.mono() >= until:
-                    return
+                    return False
             intake.verify_pending()
+        return False
 
     def receive_command(self, payload: bytes) -> None:
         """From the MQTT link (on the loop)."""
@@ -344,7 +354,12 @@ class Agent:
             self.link.unsubscribe_commands()
             self.intake.budget_s = 5.0
             self.intake.new_cycle()
-            self.intake.take()  # answered: rejected, the terminal is stopping
+            left = self.intake.take()  # the queued ones are refused: the terminal is stopping
+            self.intake.forget(left)  # (not remembered: the platform may send them again)
+            self.append("results", [validate_body("results", {
+                "ts": self.clock(), "command_id": r.id, "status": "rejected",
+                "reason": "unavailable", "detail": "the terminal is stopping", "data": {}})
+                for r in left])
             # no load stays off: the supervisor releases what it holds, the command fails
             await self.control_cycle(PollResult(), (), stopping=True)
             self.poller.flush()

@@ -74,6 +74,7 @@ class Poller:
         self.last_read: dict[str, dict[str, float]] = {name: {} for name in devices}
         # latest values per device: (monotonic time of the read, values); failed points removed
         self.latest: dict[str, tuple[float, dict[str, float | bool | None]]] = {}
+        self.read_started: dict[str, float] = {}  # when each device's latest read began (mono)
         self.urgent = False  # control is active: the main meter is retried every cycle
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._result = PollResult()
@@ -217,6 +218,7 @@ class Poller:
             for p in points:
                 merged.pop(p, None)
         self.latest[name] = (self.mono(), merged)
+        self.read_started[name] = t0
         self._pending.append(reading_body(ts, name, clean))
         return True
 

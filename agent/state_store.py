@@ -61,6 +61,12 @@ class StateStore:
         row = self.db.execute("SELECT 1 FROM seen_commands WHERE id = ?", [command_id]).fetchone()
         return row is not None
 
+    def remember_commands(self, seen: list[tuple[str, float, float]]) -> None:
+        """:meth:`remember_command` for several (id, expires at, received at), in the caller's
+        transaction."""
+        for command_id, expires_at, now in seen:
+            self.remember_command(command_id, expires_at, now)
+
     def remember_command(self, command_id: str, expires_at: float, now: float) -> None:
         with self.file.atomic():
             self.db.execute("INSERT OR IGNORE INTO seen_commands(id, expires_at, received_at) "

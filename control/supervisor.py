@@ -107,7 +107,7 @@ STATE_VERSION = 1
 # risk: a crash loses a little of them, never a decision. Everything else is saved before
 # the cycle's actions whenever it changed.
 VOLATILE = ("clock", "noise", "noise_last", "noise_quiet", "history", "delivery", "report",
-            "cycle")
+            "cycle", "check")  # (a check is dropped at a restart anyway)
 # A setpoint read back within this many % of a value is that value (a float32 register keeps
 # ~7 digits); wider, a small step down would read as "back where it was" and lose the hold.
 SETPOINT_TOL_PCT = 0.01
@@ -286,8 +286,11 @@ class Inputs:
     cycle (None: no fresh reading); ``recent_kw``: the latest one of the last few cycles (for
     records and a shed command's start). ``import_kwh``: the main meter's import register.
     ``loads``: per configured load, what was read this cycle — the coil (bool) or the setpoint
-    register's value — or None. ``contact``: the platform is reachable (MQTT connected).
-    ``stopping``: the agent is stopping: release what is held, now."""
+    register's value — or None; ``loads_age_s``: how long ago each was read (when the read
+    started; none given: just now): a reading from before the load's last write is ignored (a
+    slow line's read that overlapped the write says nothing about its result). ``contact``:
+    the platform is reachable (MQTT connected). ``stopping``: the agent is stopping: release
+    what is held, now."""
 
     now: float
     mono: float
@@ -296,6 +299,7 @@ class Inputs:
     recent_kw: float | None = None
     import_kwh: float | None = None
     loads: Sequence[float | bool | None] = ()
+    loads_age_s: Sequence[float | None] = ()
     requests: Sequence[Request] = ()
     optouts: Sequence[OptOut] = ()
     contact: bool = False
@@ -394,6 +398,7 @@ class Command(Json):
     executed: bool = False
     ending: str | None = None
     cancel_id: str | None = None
+    stopped_in: str | None = None  # the session of the agent that stopped while it ran
     switched: list[str] = field(default_factory=list)
     unresponsive: list[str] = field(default_factory=list)
     reached_t: float | None = None  # the first fresh reading at or under the cap
@@ -411,6 +416,7 @@ class Escalation(Json):
     unresponsive_run: int = 0
     blocked: str | None = None  # escalation stopped: why
     infeasible: bool = False  # cap_unmet "infeasible" was raised
+    cap_kw: float | None = None  # its cap at its last decision
 
 
 @dataclass
@@ -503,7 +509,15 @@ def _reconcile(config: SupervisorConfig, st: SupervisorState) -> None:
             st.loads[lc.name] = LoadRecord()
     for name in [n for n in st.loads if n not in config.index]:
         del st.loads[name]
-    st.mode_held = [n for n in st.mode_held if n in config.index]
+    # a load no longer in a trip round is no longer held by one: the release brings it back
+    for name in [n for n in st.mode_held
+                 if n not in config.index or config.loads[config.index[n]].round is None]:
+        st.mode_held.remove(name)
+        ld = st.loads.get(name)
+        if ld is not None and ld.owner == MODES_OWNER:
+            ld.owner = None
+    if st.command is not None and st.command.loads is not None:
+        st.command.loads = [n for n in st.command.loads if n in config.index]
     if st.history.window_s != config.baseline_window_s:
         st.history = PowerHistory(window_s=config.baseline_window_s)
 
@@ -517,6 +531,11 @@ def controlling(state: SupervisorState) -> bool:
     """A command or a DR event is in control (the main meter is urgent)."""
     return state.command is not None or state.dr_owner is not None \
         or any(ld.held and ld.owner != MODES_OWNER for ld in state.loads.values())
+
+
+def _status(cmd: Command) -> str:
+    """The final status a command's ending gives."""
+    return "failed" if cmd.ending in (None, "stopped") else str(cmd.ending)
 
 
 def _noise_kw(diffs: Sequence[float]) -> float:
@@ -566,6 +585,7 @@ class _Cycle:
         self.t = st.clock.t
         self.actions: list[Action] = []
         self.records: list[Record] = []
+        self.held_back = False  # apply() wanted sheds that wait for the last ones' effect
         fractions = dict(cfg.level_fractions)
         self.sched = DrScheduler(cfg.terminal, fractions)
         if st.dr is not None:
@@ -654,17 +674,23 @@ class _Cycle:
                     self.st.loads[lc.name].setpoint_pct = None
             self.st.check = None
             self.st.noise_last = None
-        if self.st.contact_t is None:
+        if self.st.contact_t is None or new:  # counted from the start, as the terminal's own
+            self.st.contact_t = self.t
+        if inp.contact:  # the platform is reachable (MQTT connected)
             self.st.contact_t = self.t
         return new
 
     # -- 1. read states --
-    def read_loads(self, values: Sequence[float | bool | None]) -> None:
+    def read_loads(self, values: Sequence[float | bool | None],
+                   ages: Sequence[float | None]) -> None:
         for i, lc in enumerate(self.cfg.loads):
             v = values[i] if i < len(values) else None
             if v is None:
                 continue
             ld = self.st.loads[lc.name]
+            age = ages[i] if i < len(ages) else None
+            if ld.switched_t is not None and self.t - (age or 0.0) < ld.switched_t:
+                continue  # read before its last write took: stale
             if lc.spec.adjustable:
                 raw = _finite(v)
                 if raw is None:
@@ -751,10 +777,8 @@ class _Cycle:
         cmd = self.st.command
         if cmd is not None and cmd.id == owner:
             return round(cmd.cap_kw, 3)
-        target = getattr(self, "dr_target", None)
-        if target is not None and target.event_id == owner and target.cap_kw is not None:
-            return round(target.cap_kw, 3)
-        return None
+        esc = self.st.escalation.get(owner or "")
+        return None if esc is None else esc.cap_kw
 
     # -- 3. two-minute records --
     def due_records(self, recent: float | None) -> None:
@@ -894,7 +918,12 @@ class _Cycle:
             for ld in self.st.loads.values():
                 if ld.held and ld.owner == old.id:
                     ld.owner = r.id
+            if self.st.check is not None and self.st.check.owner == old.id:
+                self.st.check.owner = r.id  # its verdict is about the loads the new one took
+            esc = self.st.escalation.pop(old.id, None)
             self.finish(old, "superseded", f"by {r.id}", inp.recent_kw)
+            if esc is not None:
+                self.st.escalation[r.id] = replace(esc, infeasible=False)
         self.result(r.id, "accepted", detail=detail, cap_kw=round(cap, 3),
                     end_at=round(self.now + duration, 3))
         self.st.command = Command(id=r.id, kind=kind, cap_kw=cap, started_at=self.now,
@@ -917,7 +946,7 @@ class _Cycle:
             how = f"cap met (under it {cmd.reached_t - cmd.started_t:.1f} s after acceptance)"
         if cmd.above_s > 0:
             how += f"; {cmd.above_s:.0f} s above it, at most {cmd.max_excess_kw:.1f} kW over"
-        if esc.infeasible:
+        if esc.infeasible and cmd.reached_t is None:
             how += "; the cap is below the site's uncontrollable load"
         self.result(cmd.id, status, detail=f"{detail}; {how}" if detail else how,
                     cap_kw=round(cmd.cap_kw, 3), switched=cmd.switched,
@@ -944,7 +973,8 @@ class _Cycle:
         try:
             ci = modes.CycleInputs(now_s=self.now, local_date=day, minute_of_day=minute,
                                    site_kw=inp.site_kw, import_kwh=inp.import_kwh,
-                                   since_contact_s=max(0.0, self.t - (st.contact_t or self.t)),
+                                   since_contact_s=max(0.0, self.t - (
+                                       self.t if st.contact_t is None else st.contact_t)),
                                    rounds=rounds)
             state, out = modes.step(st.mode_params, st.mode_state, ci)
         except Exception as exc:  # a fault in the modes must not stop caps, DR and telemetry
@@ -1053,6 +1083,8 @@ class _Cycle:
         sheds = [(i, why) for i, kind, _, why in steps if kind == "shed"]
         restores = [(i, why) for i, kind, _, why in steps if kind == "restore"]
         done: list[str] = []
+        # sheds wanted but waiting for the last ones' effect (not refused for good)
+        self.held_back = bool((sheds or lowers) and no_shed and not restore_only and not blocked)
         if (sheds or lowers) and not no_shed:
             if check is not None and not check.sheds:
                 self.st.check = None  # a shed matters more than a restore's verdict
@@ -1141,7 +1173,9 @@ class _Cycle:
                 for ld in st.loads.values():
                     if ld.held and ld.owner == cmd.id:
                         ld.owner = dr.event_id
-                self.finish(cmd, cmd.ending, f"loads now held by DR event {dr.event_id}",
+                if st.check is not None and st.check.owner == cmd.id:
+                    st.check.owner = dr.event_id
+                self.finish(cmd, _status(cmd), f"loads now held by DR event {dr.event_id}",
                             inp.recent_kw)
                 cmd = None
             else:
@@ -1169,7 +1203,11 @@ class _Cycle:
             view = [s if i in only else replace(s, available=False) for i, s in enumerate(view)]
         target = cap - params.margin_kw
         esc = st.escalation.setdefault(owner, Escalation())
-        if site > target and not esc.infeasible:
+        unknown = any(lc.spec.adjustable and not math.isfinite(v.setpoint_pct)
+                      and (only is None or i in only)
+                      for i, (lc, v) in enumerate(zip(self.cfg.loads, view, strict=True)))
+        esc.cap_kw = round(cap, 3)
+        if site > target and not esc.infeasible and not unknown:
             floor = self.uncontrollable_kw(site, view, only)
             if floor > target:
                 esc.infeasible = True
@@ -1196,8 +1234,10 @@ class _Cycle:
         self.rewrite_setpoints(owner)
         for gone in [o for o in st.escalation if o not in {c for _, c in caps}]:
             del st.escalation[gone]  # an event or command no longer in control
-        if cmd is not None and not cmd.executed:
-            st.cycle.executed = {"site_kw": site, "cap_kw": cap, "owner": owner}
+        if cmd is not None and not cmd.executed and not self.held_back:
+            # (a decision held back for the last sheds' effect is not yet what it executes)
+            st.cycle.executed = {"site_kw": site, "cap_kw": cap, "owner": owner,
+                                 "blocked": esc.blocked}
 
     def no_cap(self, site: float | None, dr: Target | None) -> None:
         """No cap holds: a DR event recovering restores loads paced under its ceiling;
@@ -1244,7 +1284,7 @@ class _Cycle:
                     owner, staggered=False)
             return
         if cmd.ending is None:
-            cmd.ending = "stopped"
+            cmd.ending, cmd.stopped_in = "stopped", inp.session
         self.release(inp.recent_kw, "agent stopping", cmd.id, staggered=False)
 
     def settle(self, recent: float | None, final: bool) -> None:
@@ -1256,8 +1296,9 @@ class _Cycle:
         left = [n for n, ld in self.st.loads.items()
                 if ld.held and n not in self.st.mode_held]
         if cmd.ending == "stopped":
-            if left and not final:
-                return
+            stopping = cmd.stopped_in == self.st.clock.session
+            if left and not (final and stopping):
+                return  # (killed while it stopped: it ends once the next run has them back)
             detail = ("agent stopped before the command ended; all loads restored" if not left
                       else f"agent stopped before the command ended; could not restore "
                            f"{', '.join(left)} (restored at the next start)")
@@ -1279,7 +1320,7 @@ class _Cycle:
         self.st.cycle = CycleNote()
         self.advance_clock(inp)
         _reconcile(self.cfg, self.st)
-        self.read_loads(inp.loads)
+        self.read_loads(inp.loads, inp.loads_age_s)
         site = _finite(inp.site_kw)
         if site != inp.site_kw:
             inp = replace(inp, site_kw=site)
@@ -1326,12 +1367,15 @@ def outcome(config: SupervisorConfig, state: SupervisorState, done: Sequence[Don
     st = _clone(state)
     cycle = _Cycle(config, st, now)
     cfg, t = config, st.clock.t
+    # the writes are done now: a reading that started before this is no proof of their result
+    done_t = t + (max(0.0, now - st.clock.wall) if st.clock.wall is not None else 0.0)
     switched: dict[str | None, dict[str, list[str]]] = {}
     delta: dict[str | None, float] = {}
     names: dict[str | None, list[str]] = {}
     sheds: dict[str | None, bool] = {}
     ref: dict[str | None, float | None] = {}
-    stopping = st.command is not None and st.command.ending == "stopped"
+    stopping = st.command is not None and st.command.ending == "stopped" \
+        and st.command.stopped_in == st.clock.session
     for d in done:
         a = d.action
         lc = cfg.loads[a.load]
@@ -1348,9 +1392,9 @@ def outcome(config: SupervisorConfig, state: SupervisorState, done: Sequence[Don
         if a.kind == "set":
             assert a.pct is not None
             before = ld.setpoint_pct
-            ld.setpoint_pct, ld.written_t = a.pct, t
+            ld.setpoint_pct, ld.written_t = a.pct, done_t
             if not a.quiet:  # a rewrite of the same value is no switch: min on/off run on
-                ld.switched_t = t
+                ld.switched_t = done_t
             if ld.held and a.pct >= ld.restore_pct - 1e-6:
                 ld.held, ld.owner, ld.since = False, None, None
             if a.quiet:
@@ -1366,7 +1410,7 @@ def outcome(config: SupervisorConfig, state: SupervisorState, done: Sequence[Don
             rec["shed" if lowered else "restored"].append(lc.name)
         else:
             on = a.kind == "restore"
-            ld.on, ld.switched_t = on, t
+            ld.on, ld.switched_t = on, done_t
             if on:
                 ld.held, ld.owner, ld.since = False, None, None
             change = lc.spec.rated_kw if on else -lc.spec.rated_kw
@@ -1416,9 +1460,11 @@ def outcome(config: SupervisorConfig, state: SupervisorState, done: Sequence[Don
         done_names = switched.get(owner, {"shed": []})["shed"]
         cap = float(note["cap_kw"])
         site_kw = float(note["site_kw"])
+        nothing = ("nothing more: " + str(note["blocked"])) if note.get("blocked") \
+            else "nothing needed"
         cycle.result(cmd.id, "executed",
                      detail=f"site {site_kw:.1f} kW, cap {cmd.cap_kw:.1f} kW, "
-                            f"shed: {', '.join(done_names) or 'nothing needed'}"
+                            f"shed: {', '.join(done_names) or nothing}"
                             + (f" (DR event {owner}'s lower cap {cap:.1f} kW applies)"
                                if owner != cmd.id else ""),
                      site_kw=round(site_kw, 3), cap_kw=cmd.cap_kw, shed=done_names)

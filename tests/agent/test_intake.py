@@ -114,3 +114,23 @@ def test_forgeries_beyond_a_burst_get_no_result_of_their_own(rig: Any,
     assert len(sink.got["results"]) == 5
     ev = sink.got["events"][0]["data"]
     assert ev["unanswered"] == 45 and ev["count"] == 45
+
+
+def test_ids_are_remembered_with_the_answer_not_before(rig: Any) -> None:
+    """A verified command's id waits for the transaction that saves the supervisor's answer;
+    a request that gets no answer (the step failed, the agent stopped) may be sent again."""
+    intake, _sink, signed = rig
+    cmd = signed(cap_kw=100.0, duration_s=60)
+    intake.receive(cmd)
+    [req] = intake.take()
+    assert not intake.store.command_seen(req.id), "not before the answer is saved"
+    intake.receive(cmd)
+    assert intake.take() == [], "a duplicate meanwhile is still a replay"
+    intake.forget([req])  # no answer was saved
+    intake.receive(cmd)
+    [again] = intake.take()
+    assert again.id == req.id
+    seen = intake.seen([again])
+    assert [s[0] for s in seen] == [req.id]
+    intake.store.remember_commands(seen)  # (the daemon does it in the step's transaction)
+    assert intake.store.command_seen(req.id)

@@ -164,13 +164,16 @@ class Rig:
     def cycle(self, requests: Sequence[Request] = (), dt: float = 1.0, fresh: bool = True,
               optouts: Sequence[OptOut] = (), stopping: bool = False, contact: bool = True,
               crash_before_actuation: bool = False, wall_step: float = 0.0,
-              import_kwh: float | None = None, loads_read: bool = True) -> Log:
+              import_kwh: float | None = None, loads_read: bool = True,
+              loads: list[float | bool | None] | None = None,
+              loads_age_s: list[float | None] | None = None) -> Log:
         self.t += dt
         self.wall += dt + wall_step
         site = self.meter_kw() if fresh else None
         inp = Inputs(now=self.wall, mono=self.t, session=f"s{self.session}", site_kw=site,
                      recent_kw=self.meter_kw(), import_kwh=import_kwh,
-                     loads=self.read_loads() if loads_read else [None] * len(self.cfg.loads),
+                     loads=loads if loads is not None else self.read_loads() if loads_read
+                     else [None] * len(self.cfg.loads), loads_age_s=loads_age_s or (),
                      requests=tuple(requests), optouts=tuple(optouts), contact=contact,
                      stopping=stopping)
         before = None if self.state is None else json.dumps(self.state.to_dict())

@@ -640,3 +640,81 @@ def test_stopping_while_a_command_releases_ends_it_as_it_was_ending() -> None:
     assert log.names(rig.cfg) == ["restore ev"]  # the rest at once
     assert [r["status"] for r in log.results()] == ["completed"]
     assert rig.state.command is None and rig.off() == []
+
+
+def test_a_reading_from_before_the_last_write_is_ignored() -> None:
+    """A slow line's read of the relays that started before this cycle's write (it overlapped
+    it) says nothing about the write's result: the hold stands."""
+    rig = Rig(config())
+    rig.cycle()
+    before = rig.read_loads()  # a slow line reads the relays ...
+    assert rig.cycle([cap("c1", 170.0, 5.0)]).names(rig.cfg) == ["shed ev"]  # ... ev is shed
+    rig.cycle(loads=before, loads_age_s=[1.5] * len(before))  # ... its reading comes in late
+    assert rig.held() == ["ev"] and rig.off() == ["ev"]
+    rig.cycle(loads=before, loads_age_s=[0.0] * len(before))  # read after the write: believed
+    assert rig.held() == []  # (switched back on by hand, as far as it knows)
+
+
+def test_a_new_command_waits_for_the_last_sheds_effect_and_takes_over_its_check() -> None:
+    rig = Rig(config())
+    rig.run(6)
+    rig.frozen = 187.0  # the meter does not show the sheds (frozen)
+    assert rig.cycle([cap("c1", 170.0, 60.0)]).names(rig.cfg) == ["shed ev"]
+    log = rig.cycle([cap("c2", 120.0, 60.0)])
+    assert log.actions == [] and not log.results("executed"), "held back, not 'nothing needed'"
+    logs = rig.run(6)
+    unresp = [e for lg in logs for e in lg.events("load_unresponsive")]
+    unmet = [e for lg in logs for e in lg.events("cap_unmet")]
+    assert unresp and unresp[0]["data"]["command_id"] == "c2"
+    assert unmet and unmet[0]["data"]["command_id"] == "c2"
+    ex = [r for lg in logs for r in lg.results("executed")]
+    assert ex and "nothing more" in ex[0]["detail"]
+    assert rig.state.command is not None and "ev" in rig.state.command.unresponsive
+
+
+def test_contact_and_the_automatic_guarantee() -> None:
+    """Connected to the platform is contact: no automatic guarantee while the link is up."""
+    loads = (load("a", 20.0, 10, round=1),)
+    rig = Rig(config(loads=loads), base_kw=100.0)
+    rig.cycle([GuaranteeRequest("g0", False, auto_after_h=1)])
+    rig.cycle([RemoteRequest("r1", 1, "trip")])
+    assert rig.off() == ["a"]
+    for _ in range(70):
+        rig.cycle(dt=60.0)  # an hour and ten minutes, connected all along
+    assert rig.off() == ["a"] and rig.state.mode_state.guarantee == "off"
+    for _ in range(70):
+        rig.cycle(dt=60.0, contact=False)  # the platform unreachable for over an hour
+    assert rig.state.mode_state.guarantee == "auto"
+
+
+def test_a_load_no_longer_in_a_round_comes_back() -> None:
+    loads = (load("a", 20.0, 10, round=1), load("b", 20.0, 20))
+    rig = Rig(config(loads=loads), base_kw=100.0)
+    rig.cycle()
+    rig.cycle([RemoteRequest("r1", 1, "trip")])
+    assert rig.off() == ["a"]
+    rig.cfg = config(loads=(load("a", 20.0, 10), load("b", 20.0, 20)))  # a left its round
+    rig.run(3)
+    assert rig.off() == [] and rig.state.mode_held == []
+
+
+def test_a_command_naming_a_load_the_configuration_lost() -> None:
+    rig = Rig(config())
+    rig.cycle()
+    rig.cycle([cap("c1", 170.0, 30.0, loads=("ev", "lighting"))])
+    rig.cfg = config(loads=tuple(lc for lc in SITE if lc.name != "lighting"))
+    logs = rig.run(3)  # no KeyError: the command goes on with the loads it still has
+    assert rig.state.command is not None and rig.state.command.loads == ["ev"]
+    assert logs
+
+
+def test_killed_while_stopping_the_command_fails_once_its_loads_are_back() -> None:
+    rig = Rig(config())
+    rig.run(3)
+    rig.cycle([dr(rig, "e1", "cap_kw", 150.0, 60.0), cap("c1", 170.0, 60.0)])
+    rig.cycle()
+    rig.cycle(stopping=True, crash_before_actuation=True)  # SIGKILL in the stop
+    logs = rig.run(6)
+    finals = [r for lg in logs for r in lg.results() if r["command_id"] == "c1"]
+    assert [r["status"] for r in finals] == ["failed"]
+    assert "could not restore" not in finals[0]["detail"]
