@@ -66,7 +66,13 @@ def load_state(store: StateStore, config: SupervisorConfig, now: float) -> Super
         except (ValueError, AttributeError) as exc:
             log.error("the control state in the buffer is unreadable (%s): starting from a new "
                       "one", exc)
-    return migrate(store.legacy(), config, now)
+    legacy = store.legacy()
+    state = migrate(legacy, config, now)
+    if legacy:  # taken over: saved as the supervisor's, the older agent's tables forgotten
+        with store.file.atomic():
+            store.save("supervisor", state.to_dict(), now)
+            store.drop_legacy()
+    return state
 
 
 def migrate(legacy: dict[str, Any], config: SupervisorConfig, now: float) -> SupervisorState:

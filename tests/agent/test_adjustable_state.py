@@ -76,5 +76,8 @@ def test_an_older_agents_held_load_keeps_its_off_time(tmp_path: Path) -> None:
             ld = again.state.loads["water-heater"]
             assert ld.held and ld.owner == "c1" and not ld.on
             assert ld.switched_t == pytest.approx(-600.0, abs=5.0)  # the clock starts at 0
+            # taken over once: saved as the supervisor's state, the old table gone
+            assert again.store.load("supervisor") is not None
+            assert not again.file.has_table("shed_loads")
         finally:
             again.close()
