@@ -718,3 +718,23 @@ def test_killed_while_stopping_the_command_fails_once_its_loads_are_back() -> No
     finals = [r for lg in logs for r in lg.results() if r["command_id"] == "c1"]
     assert [r["status"] for r in finals] == ["failed"]
     assert "could not restore" not in finals[0]["detail"]
+
+
+def test_infeasible_is_not_judged_on_a_setpoint_not_yet_read() -> None:
+    loads = (load("charger", 44.0, 1, kind="adjustable", full_scale=64.0), load("heater", 12.0, 20))
+    rig = Rig(config(loads=loads), base_kw=100.0)
+    log = rig.cycle([cap("c1", 140.0, 5.0)], loads_read=False)  # the charger not read yet
+    assert not log.events("cap_unmet")
+    logs = rig.run(10)
+    assert not [e for lg in logs for e in lg.events("cap_unmet")]
+    final = next(r for lg in logs for r in lg.results("completed"))
+    assert final["data"]["cap_met"] and "uncontrollable" not in final["detail"]
+
+
+def test_cap_unmet_of_a_dr_event_names_its_cap() -> None:
+    rig = Rig(config())
+    rig.run(3)
+    rig.cycle([dr(rig, "e1", "cap_kw", 150.0, 60.0)])
+    rig.frozen = 187.0
+    unmet = [e["data"] for lg in rig.run(8) for e in lg.events("cap_unmet")]
+    assert unmet and all(d["command_id"] == "e1" and d["cap_kw"] == 150.0 for d in unmet)
