@@ -114,8 +114,10 @@ def test_sigkill_mid_cap_the_command_goes_on(tmp_path: Path, site: int, broker: 
         first = wait_until(lambda: next((r for r in rig.readings if r["ts"] >= restart), None),
                            10, "a reading after the restart")
         assert isinstance(first, dict)
-        shed = [e for e in rig.of("load_shed", restart) if e["data"]["command_id"] == cid]
-        assert shed, "the command's loads are shed again, under its own id"
+        shed = wait_until(lambda: [e for e in rig.of("load_shed", restart)
+                                   if e["data"]["command_id"] == cid], 10,
+                          "the command's loads shed again, under its own id")
+        assert isinstance(shed, list)
         # within two cycles (poll.interval_s = 1 s) of the first fresh reading
         assert shed[0]["ts"] - first["ts"] <= 2.0, (shed[0]["ts"], first["ts"])
         assert "accepted" not in rig.statuses(cid)[1:], "no second acceptance"
