@@ -137,6 +137,9 @@ class Agent:
         """Save the supervisor's state, its records, the optouts it took and the ids of the
         commands it answered, in one transaction. The state is written when more than its
         volatile parts changed (or a minute passed)."""
+        if state is self.state and not (records or optouts or seen) \
+                and self.mono() - self._saved_at < SAVE_EVERY_S:
+            return  # the very state saved just before (an outcome with nothing to fold)
         self.state = state
         d = state.to_dict()
         key = dumps({k: v for k, v in d.items() if k not in VOLATILE})

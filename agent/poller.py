@@ -121,7 +121,7 @@ class Poller:
         """Read every device that is due; wait for the transports until ``deadline_mono``. A
         line still busy then adds its devices to the next cycle's result."""
         if len(self._lines) == 1 and not self._tasks:  # one transport: no task needed
-            await self._poll_line(next(iter(self._lines.values())))
+            await self._poll_line(next(iter(self._lines.values())), inline=True)
         else:
             started = []
             for key, names in self._lines.items():
@@ -153,11 +153,12 @@ class Poller:
         self._flush_soon = True
         asyncio.get_running_loop().call_soon(self.flush)
 
-    async def _poll_line(self, names: list[str]) -> None:
+    async def _poll_line(self, names: list[str], inline: bool = False) -> None:
         for name in names:
             if await self._poll_device(name):
                 self._result.fresh.add(name)
-        self._transport_done()
+        if not inline:  # (inline, poll() itself writes them once it returns)
+            self._transport_done()
 
     async def stop(self) -> None:
         tasks = [t for t in self._tasks.values() if not t.done()]

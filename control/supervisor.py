@@ -95,7 +95,6 @@ __all__ = [
     "SupervisorConfig",
     "SupervisorState",
     "controlling",
-    "held_loads",
     "initial_state",
     "outcome",
     "step",
@@ -522,11 +521,6 @@ def _reconcile(config: SupervisorConfig, st: SupervisorState) -> None:
         st.history = PowerHistory(window_s=config.baseline_window_s)
 
 
-def held_loads(state: SupervisorState) -> list[str]:
-    """The loads we hold off or lowered (for any owner, the modes included)."""
-    return [name for name, ld in state.loads.items() if ld.held]
-
-
 def controlling(state: SupervisorState) -> bool:
     """A command or a DR event is in control (the main meter is urgent)."""
     return state.command is not None or state.dr_owner is not None \
@@ -545,10 +539,6 @@ def _noise_kw(diffs: Sequence[float]) -> float:
     if len(diffs) < 3:
         return 0.0
     return 1.4826 * statistics.median(diffs) / math.sqrt(2.0)
-
-
-def _fmt(kw: float | None) -> str:
-    return "?" if kw is None else f"{kw:.1f}"
 
 
 def _finite(x: float | bool | None) -> float | None:
@@ -586,12 +576,18 @@ class _Cycle:
         self.actions: list[Action] = []
         self.records: list[Record] = []
         self.held_back = False  # apply() wanted sheds that wait for the last ones' effect
-        fractions = dict(cfg.level_fractions)
-        self.sched = DrScheduler(cfg.terminal, fractions)
-        if st.dr is not None:
+        self.recent: float | None = None  # the latest main-meter reading of the last cycles
+        self.import_kwh: float | None = None
+
+    def load_scheduler(self) -> None:
+        """The DR scheduler from the state (only ``step`` needs it; it is saved back at the
+        end of the step)."""
+        fractions = dict(self.cfg.level_fractions)
+        self.sched = DrScheduler(self.cfg.terminal, fractions)
+        if self.st.dr is not None:
             try:
-                sched = DrScheduler.from_dict(st.dr, fractions)
-                if sched.terminal_id == cfg.terminal:
+                sched = DrScheduler.from_dict(self.st.dr, fractions)
+                if sched.terminal_id == self.cfg.terminal:
                     self.sched = sched
             except ValueError:
                 pass  # unreadable: no events (the agent validates the state when it loads it)
@@ -1053,9 +1049,6 @@ class _Cycle:
         return CapParams(cap_kw=cap, margin_kw=c.margin_kw, hysteresis_kw=c.hysteresis_kw,
                          min_off_s=c.min_off_s, min_on_s=c.min_on_s)
 
-    def check_pending(self) -> Check | None:
-        return self.st.check
-
     def apply(self, dec: Decision, site: float, owner: str | None, restore_only: bool = False,
               shed_only: bool = False, suffix: str = "") -> list[str]:
         """Plan a decision's steps in order (sheds, then setpoints, then restores); the names
@@ -1306,17 +1299,10 @@ class _Cycle:
         elif not left:
             self.finish(cmd, cmd.ending, "all loads restored", recent)
 
-    @property
-    def recent(self) -> float | None:
-        return getattr(self, "_recent", None)
-
-    @property
-    def import_kwh(self) -> float | None:
-        return getattr(self, "_import_kwh", None)
-
     def run(self, inp: Inputs) -> None:
-        self._recent = inp.recent_kw if inp.recent_kw is not None else inp.site_kw
-        self._import_kwh = _finite(inp.import_kwh)
+        self.recent = inp.recent_kw if inp.recent_kw is not None else inp.site_kw
+        self.import_kwh = _finite(inp.import_kwh)
+        self.load_scheduler()
         self.st.cycle = CycleNote()
         self.advance_clock(inp)
         _reconcile(self.cfg, self.st)
@@ -1325,17 +1311,17 @@ class _Cycle:
         if site != inp.site_kw:
             inp = replace(inp, site_kw=site)
         self.fresh_site(site)
-        self.due_records(self._recent)
+        self.due_records(self.recent)
         if inp.stopping:
             self.stop(inp)
-            self.settle(self._recent, final=not self.actions)
+            self.settle(self.recent, final=not self.actions)
         else:
             for r in inp.requests:
                 self.request(r, inp)
             self.modes(inp)
             self.dr_target = self.dr(inp)
             self.cap(inp, self.dr_target)
-            self.settle(self._recent, final=False)
+            self.settle(self.recent, final=False)
         self.st.dr = self.sched.to_dict()
 
 
