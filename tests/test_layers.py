@@ -14,6 +14,7 @@ ALLOWED = {
     "config": {"pydantic", "lmt.config"},
     "drivers": {"lmt.config", "lmt.drivers", "pymodbus", "serial"},
     "control": {"lmt.control", "numpy", "numba"},
+    "analytics": {"lmt.analytics", "lmt.control.jsonstate", "numpy", "numba"},
     "firmware_sim": {"lmt.config", "lmt.firmware_sim", "pymodbus", "numpy", "serial"},
 }
 
@@ -46,7 +47,7 @@ def test_layer_directions() -> None:
 
 
 def test_no_relative_import_escapes_a_package() -> None:
-    for folder in ("config", "drivers", "control", "firmware_sim", "agent"):
+    for folder in ("config", "drivers", "control", "analytics", "firmware_sim", "agent"):
         for f in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(f.read_text())):
                 if isinstance(node, ast.ImportFrom):
@@ -81,10 +82,21 @@ _SCOPES = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.Cl
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 
-def banned_module(name: str) -> bool:
+PURE_PACKAGES = ("lmt.control", "lmt.analytics")
+
+
+def banned_module(name: str, package: str = "lmt.control") -> bool:
+    """Whether a module of ``package`` (one of the pure packages) may not import ``name``: the
+    impure modules, and every other lmt package (lmt.analytics may use lmt.control.jsonstate)."""
     if name.split(".")[0] in BANNED_IN_CONTROL:
         return True
-    return name.startswith("lmt.") and not (name == "lmt.control" or name.startswith("lmt.control."))
+    top = ".".join(package.split(".")[:2])
+    if name == top or name.startswith(top + "."):
+        return False
+    if top == "lmt.analytics" and (name == "lmt.control.jsonstate"
+                                   or name.startswith("lmt.control.jsonstate.")):
+        return False
+    return name.startswith("lmt.")
 
 
 class _PurityChecker(ast.NodeVisitor):
@@ -179,18 +191,18 @@ class _PurityChecker(ast.NodeVisitor):
 
     def visit_Import(self, node: ast.Import) -> None:
         for a in node.names:
-            if banned_module(a.name):
+            if banned_module(a.name, self.package):
                 self.report(node, f"imports {a.name}: `{ast.unparse(node)}`")
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         module = self.absolute(node.module, node.level)
         if module is None:
             self.report(node, f"relative import beyond the top package: `{ast.unparse(node)}`")
-        elif banned_module(module):
+        elif banned_module(module, self.package):
             self.report(node, f"imports {module}: `{ast.unparse(node)}`")
         else:
             for a in node.names:
-                if banned_module(f"{module}.{a.name}"):
+                if banned_module(f"{module}.{a.name}", self.package):
                     self.report(node, f"imports {module}.{a.name}: `{ast.unparse(node)}`")
 
     def check_reference(self, node: ast.Name | ast.Attribute) -> None:
@@ -218,14 +230,14 @@ class _PurityChecker(ast.NodeVisitor):
             if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
                 self.report(node, f"dynamic import of a computed name: `{ast.unparse(node)}`")
             elif not name.value.startswith("."):
-                if banned_module(name.value):
+                if banned_module(name.value, self.package):
                     self.report(node, f"imports {name.value}: `{ast.unparse(node)}`")
             elif not (isinstance(package, ast.Constant) and isinstance(package.value, str)):
                 self.report(node, f"relative dynamic import from a computed package: `{ast.unparse(node)}`")
             else:  # import_module(".x", "package")
                 relative = name.value.lstrip(".")
                 module = self.absolute(relative or None, len(name.value) - len(relative), package.value)
-                if module is None or banned_module(module):
+                if module is None or banned_module(module, self.package):
                     self.report(node, f"imports {module or name.value}: `{ast.unparse(node)}`")
         self.generic_visit(node)
 
@@ -239,16 +251,18 @@ def impurities(source: str, package: str = "lmt.control", filename: str = "<sour
     return sorted(checker.found)
 
 
-def package_of(f: Path) -> str:
-    return ".".join(("lmt", "control", *f.relative_to(ROOT / "control").parent.parts))
+def package_of(f: Path, folder: str = "control") -> str:
+    return ".".join(("lmt", folder, *f.relative_to(ROOT / folder).parent.parts))
 
 
-def test_the_control_package_is_pure() -> None:
-    files = sorted((ROOT / "control").rglob("*.py"))
+@pytest.mark.parametrize("folder", ["control", "analytics"])
+def test_the_pure_packages_are_pure(folder: str) -> None:
+    files = sorted((ROOT / folder).rglob("*.py"))
     assert files
     bad = [f"{f.relative_to(ROOT)}:{line}: {what}" for f in files
-           for line, what in impurities(f.read_text(encoding="utf-8"), package_of(f), str(f))]
-    assert not bad, "lmt.control must be pure (docs/architecture.md):\n" + "\n".join(bad)
+           for line, what in impurities(f.read_text(encoding="utf-8"), package_of(f, folder),
+                                        str(f))]
+    assert not bad, f"lmt.{folder} must be pure (docs/architecture.md):\n" + "\n".join(bad)
 
 
 IMPURE = [
@@ -316,6 +330,18 @@ def test_the_purity_checker_flags(source: str) -> None:
 @pytest.mark.parametrize("source", PURE)
 def test_the_purity_checker_passes(source: str) -> None:
     assert impurities(source) == []
+
+
+@pytest.mark.parametrize(("source", "impure"), [
+    ("from lmt.control.jsonstate import Json", False),
+    ("from lmt.analytics.intervals import step", False),
+    ("from lmt.control.supervisor import step", True),
+    ("from lmt.control import supervisor", True),
+    ("import lmt.agent.messages", True),
+    ("import sqlite3", True),
+])
+def test_the_analytics_package_may_use_only_the_json_state(source: str, impure: bool) -> None:
+    assert bool(impurities(source, "lmt.analytics")) is impure, source
 
 
 def test_the_purity_checker_reports_every_violation_with_its_line() -> None:

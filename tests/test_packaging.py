@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["lmt.agent", "lmt.drivers", "lmt.control", "lmt.firmware_sim", "lmt.config"]
+PACKAGES = ["lmt.agent", "lmt.drivers", "lmt.control", "lmt.analytics", "lmt.firmware_sim",
+            "lmt.config"]
 
 PROBE = f"""
 import importlib.util, json, sys
-import lmt.agent, lmt.drivers, lmt.control, lmt.firmware_sim, lmt.config
+import lmt.agent, lmt.drivers, lmt.control, lmt.analytics, lmt.firmware_sim, lmt.config
 from lmt.config import load_profile
 out = {{m: importlib.util.find_spec(m).origin for m in {PACKAGES!r}}}
 out["bare"] = [m for m in ("agent", "control", "drivers", "firmware_sim", "config")
