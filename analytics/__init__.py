@@ -6,8 +6,8 @@ tariffs and bills, a prepaid balance, carbon, losses and theft indicators. The s
 (``tests/test_layers.py`` enforces it); the agent feeds it readings (:class:`Sample`) and
 persists what it returns.
 
-This package may import only numpy, numba, the standard library and
-:mod:`lmt.control.jsonstate`.
+This package may import only numpy, numba, the standard library and :mod:`lmt.control`'s
+types (never the reverse).
 """
 
 from __future__ import annotations
