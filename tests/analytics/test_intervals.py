@@ -130,7 +130,8 @@ def test_a_day_sums_to_the_register_difference() -> None:
     r = day[40]
     assert r["mean_kw"] == pytest.approx(r["import_kwh"] * 4, abs=1e-3)
     assert r["max_kw"] >= r["mean_kw"] - 1.0
-    assert 225 < r["voltage_v"]["l1"]["min"] <= r["voltage_v"]["l1"]["mean"] <= r["voltage_v"]["l1"]["max"] < 235
+    v = r["voltage_v"]["l1"]
+    assert 225 < v["min"] <= v["mean"] <= v["max"] < 235
     assert r["power_factor"] == pytest.approx(0.95)
 
 
@@ -261,18 +262,11 @@ def test_a_clock_step_makes_no_interval_twice_and_loses_none(step_s: float) -> N
     assert starts == [starts[0] + 900 * i for i in range(len(starts))], "none lost"
     stepped = [r for r in run.records if "clock_step" in r["flags"]]
     assert 1 <= len(stepped) <= 2
-    # the energy of the day's wall-clock intervals equals the register over the same readings
+    # the wall-clock day is ten minutes (about 16 kWh at 95 kW) longer or shorter than the
+    # true day; no energy is made or lost beyond that
     day = run.day()
-    if step_s < 0:  # the clock went back: the true day ends ten minutes of wall time later
-        assert sum(r["import_kwh"] for r in day) == pytest.approx(
-            _truth_between(run, truth), abs=60.0)
-    else:
-        assert sum(r["import_kwh"] for r in day) == pytest.approx(
-            _truth_between(run, truth), abs=60.0)
-
-
-def _truth_between(run: Run, truth: dict[float, float]) -> float:
-    return truth[MIDNIGHT + DAY] - truth[MIDNIGHT]
+    assert sum(r["import_kwh"] for r in day) == pytest.approx(
+        truth[MIDNIGHT + DAY] - truth[MIDNIGHT], abs=25.0)
 
 
 def test_a_meter_silent_past_the_hold_gives_its_intervals_without_energy() -> None:
