@@ -27,6 +27,9 @@ class SiteInfo(_Strict):
     power_factor: float = Field(default=0.95, gt=0, le=1)
     frequency_hz: float = Field(default=50.0, gt=0)
     import_energy_kwh: float = Field(default=12345.6, ge=0, description="meter reading at start")
+    unmetered_kw: float = Field(default=0.0, ge=0,
+                                description="load between the main meter and the sub-meters: "
+                                            "the main meter sees it, no sub-meter does")
 
 
 class SimServer(_Strict):
@@ -54,6 +57,88 @@ class Faults(_Strict):
                                      "of the moment it was switched on (writes still act)")
 
 
+Phase = Literal["l1", "l2", "l3"]
+
+#: The DL/T 645 event counters a simulated meter keeps (``[devices.events]``), each served as the
+#: profile point ``event_<key>_count``.
+EVENT_KEYS: tuple[str, ...] = (
+    "cover_open", "terminal_cover_open", "magnetic_field", "voltage_loss",
+    "current_loss_l1", "current_loss_l2", "current_loss_l3",
+    "reverse_flow_l1", "reverse_flow_l2", "reverse_flow_l3",
+)
+#: A DL/T 645 event count is 3 BCD bytes (XXXXXX).
+EVENT_COUNT_MAX = 999_999
+
+
+def event_point(key: str) -> str:
+    """The profile point that serves event counter ``key``: ``event_cover_open_count``."""
+    return f"event_{key}_count"
+
+
+class Metering(_Strict):
+    """What a meter measures. Left out: the whole site (a main meter). Given without
+    ``whole_site``: a sub-meter that measures only ``loads``, ``base_share`` of the base load and,
+    with ``ev``, the EV charging point."""
+
+    whole_site: bool = Field(default=False,
+                             description="a main meter: the whole site, unmetered load included")
+    loads: list[str] = Field(default=[], description="the [[loads]] behind this sub-meter")
+    base_share: float = Field(default=0.0, ge=0, le=1,
+                              description="share of the uncontrolled base load it measures")
+    ev: bool = Field(default=False, description="the EV charging point hangs behind it")
+    import_energy_kwh: float | None = Field(
+        default=None, ge=0, description="its import register at start (default: site's)")
+
+    @model_validator(mode="after")
+    def _check_scope(self) -> Metering:
+        if self.whole_site and (self.loads or self.base_share or self.ev):
+            raise ValueError("a whole-site meter measures everything: leave out loads, "
+                             "base_share and ev")
+        if len(set(self.loads)) != len(self.loads):
+            raise ValueError("loads: a load is named twice")
+        return self
+
+
+#: The default scope: the whole site.
+WHOLE_SITE = Metering(whole_site=True)
+
+
+class CtShunt(_Strict):
+    """A shunted or bypassed current transformer: the meter sees ``seen`` of the phase's current
+    (and power)."""
+
+    phase: Phase
+    seen: float = Field(default=0.02, ge=0, lt=1,
+                        description="fraction of the phase's true current the meter sees")
+
+
+class Tamper(_Strict):
+    """Energy-ledger signatures a meter shows (theft, tamper, a broken register)."""
+
+    ct_shunt: CtShunt | None = Field(default=None, description="one phase's CT shunted")
+    ct_reversed: Phase | None = Field(default=None,
+                                      description="one phase's CT reversed: its power reads "
+                                                  "negative")
+    registers: Literal["counting", "stopped", "decreasing"] = Field(
+        default="counting", description="stopped: the energy registers stand still; decreasing: "
+                                        "they count down")
+
+
+class Events(_Strict):
+    """DL/T 645 event counters at start (each 0-999999)."""
+
+    cover_open: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+    terminal_cover_open: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+    magnetic_field: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+    voltage_loss: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+    current_loss_l1: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+    current_loss_l2: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+    current_loss_l3: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+    reverse_flow_l1: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+    reverse_flow_l2: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+    reverse_flow_l3: int = Field(default=0, ge=0, le=EVENT_COUNT_MAX)
+
+
 class SimLine(_Strict):
     """A serial line served on a pseudo-terminal; ``link`` names a symlink to its device."""
 
@@ -74,6 +159,9 @@ class SimDevice(_Strict):
                                 description="DL/T 645 meter address")
     line: str | None = Field(default=None, description="serial line; default: the TCP server")
     faults: Faults = Faults()
+    metering: Metering = WHOLE_SITE
+    tamper: Tamper = Tamper()
+    events: Events = Events()
 
 
 class SimLoad(_Strict):
@@ -120,6 +208,23 @@ class SiteConfig(_Strict):
                                  "match where the device is served")
             if on_dlt and d.address is None:
                 raise ValueError(f"devices[{i}].address: a DL/T 645 meter needs an address")
+        load_names = [load.name for load in self.loads]
+        if len(set(load_names)) != len(load_names):
+            raise ValueError("load names must be unique")
+        for i, d in enumerate(self.devices):
+            prof = load_profile(d.profile)
+            signs = [k for k, v in (("metering", d.metering != WHOLE_SITE),
+                                    ("tamper", d.tamper != Tamper())) if v]
+            if signs and prof.kind != "meter":
+                raise ValueError(f"devices[{i}].{signs[0]}: {d.name!r} is not a meter "
+                                 f"(profile {prof.id!r} is a {prof.kind})")
+            for name in d.metering.loads:
+                if name not in load_names:
+                    raise ValueError(f"devices[{i}].metering.loads: no load named {name!r}")
+            for key, count in d.events.model_dump().items():
+                if count and not prof.has_point(event_point(key)):
+                    raise ValueError(f"devices[{i}].events.{key}: profile {prof.id!r} has no "
+                                     f"point {event_point(key)}")
         used: set[str] = set()
         for i, load in enumerate(self.loads):
             dev_name, point = load.relay.split(".", 1)

@@ -1,4 +1,5 @@
-"""The simulator's control channel: change a running site's faults, one JSON line at a time.
+"""The simulator's control channel: change a running site's faults and energy-ledger signatures,
+one JSON line at a time.
 
 ``lmt sim --control-port N`` (0: a free port, see the ready file's JSON) serves it on
 127.0.0.1. Each request is one JSON object on one line; each answer too, in order:
@@ -7,7 +8,19 @@
   (keys as in the site file's ``[devices.faults]``; missing keys take their defaults, so
   ``{"faults": {}}`` clears them) -> ``{"ok": true, "device": ..., "faults": {...all keys}}``.
   Any device: Modbus TCP, Modbus RTU or a DL/T 645 meter (by its device name).
+* ``{"device": "meter-b", "tamper": {"ct_reversed": "l3"}}`` replaces a meter's signatures
+  (keys as in ``[devices.tamper]``; ``{"tamper": {}}`` clears them) ->
+  ``{"ok": true, "device": ..., "tamper": {...all keys}, "events": {...}}``.
+* ``{"device": "meter-b", "event": "cover_open"}``: the meter records one event (its cover was
+  opened; any key of ``[devices.events]`` its profile serves) ->
+  ``{"ok": true, "device": ..., "events": {...every count}}``.
+* ``{"device": "meter-a", "register_jump_kwh": -500.0}``: the meter's import register steps by
+  that much, once (negative: back) -> ``{"ok": true, "device": ..., "import_energy_kwh": ...}``.
+* ``{"site": {"unmetered_kw": 5.0}}``: the load between the main meter and the sub-meters ->
+  ``{"ok": true, "site": {"unmetered_kw": 5.0}}``.
 * ``{"get": "faults"}`` -> ``{"ok": true, "faults": {"<device>": {...}, ...}}``
+* ``{"get": "tamper"}``, ``{"get": "events"}`` -> every meter's signatures / event counts;
+  ``{"get": "site"}`` -> ``{"ok": true, "site": {"unmetered_kw": ...}}``
 * ``{"get": "lines"}`` -> ``{"ok": true, "lines": {"<line>": "/dev/pts/4", ...}}`` (Modbus RTU
   and DL/T 645 lines)
 * ``{"get": "stats"}`` -> ``{"ok": true, "devices": {"<device>": {"answer": 12, ...}},
@@ -29,24 +42,99 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from lmt.config.site import Faults
+from lmt.config.site import Faults, Tamper
 
 if TYPE_CHECKING:
     from .server import SimulatedSite
 
-_USAGE = ('expected {"device": "<name>", "faults": {...}} or {"get": "faults" | "lines" | '
-          '"stats"}')
+_USAGE = ('expected {"device": "<name>", "faults": {...}}, {"device": "<name>", "tamper": {...}}, '
+          '{"device": "<name>", "event": "<key>"}, {"device": "<name>", "register_jump_kwh": '
+          '<kWh>}, {"site": {"unmetered_kw": <kW>}} or {"get": "faults" | "tamper" | "events" | '
+          '"site" | "lines" | "stats"}')
+
+#: What a device request may carry besides ``device``: exactly one of these.
+_DEVICE_ACTIONS = ("faults", "tamper", "event", "register_jump_kwh")
 
 
-def _validation_message(exc: ValueError) -> str:
+def _validation_message(exc: ValueError, what: str = "faults") -> str:
     errors = getattr(exc, "errors", None)
     if not callable(errors):
         return str(exc)
     parts = []
     for e in errors():
-        where = ".".join(str(x) for x in ("faults", *e.get("loc", ())))
+        where = ".".join(str(x) for x in (what, *e.get("loc", ())))
         parts.append(f"{where}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)
+
+
+def _meters(site: SimulatedSite) -> list[str]:
+    return [d.name for d in site.config.devices if _is_meter(site, d.name)]
+
+
+def _is_meter(site: SimulatedSite, name: str) -> bool:
+    try:
+        site.tamper(name)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+def _site_answer(site: SimulatedSite) -> dict[str, Any]:
+    return {"ok": True, "site": {"unmetered_kw": site.physics.unmetered_kw}}
+
+
+def _site_request(site: SimulatedSite, raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict) or set(raw) - {"unmetered_kw"}:
+        return {"ok": False, "error": 'site: expected {"unmetered_kw": <kW>}'}
+    if "unmetered_kw" in raw:
+        kw = raw["unmetered_kw"]
+        if isinstance(kw, bool) or not isinstance(kw, int | float) or not kw >= 0 \
+                or kw == float("inf"):
+            return {"ok": False, "error": f"site.unmetered_kw: a number of kW >= 0 (got {kw!r})"}
+        site.set_unmetered_kw(float(kw))
+    return _site_answer(site)
+
+
+def _device_request(site: SimulatedSite, device: str, action: str, raw: Any) -> dict[str, Any]:
+    """A request about one device: its faults, its signatures, an event, a register jump."""
+    if action == "faults":
+        if not isinstance(raw, dict):
+            return {"ok": False, "error": "faults must be a JSON object"}
+        try:
+            faults = Faults.model_validate(raw)
+        except ValueError as exc:  # pydantic's ValidationError
+            return {"ok": False, "error": _validation_message(exc)}
+        site.set_faults(device, faults)
+        return {"ok": True, "device": device, "faults": faults.model_dump(mode="json")}
+    if not _is_meter(site, device):
+        return {"ok": False, "error": f"{device!r} is not a meter (meters: "
+                                      f"{', '.join(_meters(site))})"}
+    if action == "tamper":
+        if not isinstance(raw, dict):
+            return {"ok": False, "error": "tamper must be a JSON object"}
+        try:
+            tamper = Tamper.model_validate(raw)
+        except ValueError as exc:
+            return {"ok": False, "error": _validation_message(exc, "tamper")}
+        site.set_tamper(device, tamper)
+        return {"ok": True, "device": device, "tamper": tamper.model_dump(mode="json"),
+                "events": site.events(device)}
+    if action == "event":
+        if not isinstance(raw, str):
+            return {"ok": False, "error": "event must be a string, e.g. \"cover_open\""}
+        try:
+            site.count_event(device, raw)
+        except KeyError as exc:
+            return {"ok": False, "error": str(exc.args[0])}
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "device": device, "events": site.events(device)}
+    # register_jump_kwh
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw != raw \
+            or abs(raw) == float("inf"):
+        return {"ok": False, "error": f"register_jump_kwh: a number of kWh (got {raw!r})"}
+    reading = site.jump_register(device, float(raw))
+    return {"ok": True, "device": device, "import_energy_kwh": reading}
 
 
 def handle(site: SimulatedSite, message: Any) -> dict[str, Any]:
@@ -58,6 +146,13 @@ def handle(site: SimulatedSite, message: Any) -> dict[str, Any]:
         if what == "faults":
             return {"ok": True, "faults": {name: inj.faults.model_dump(mode="json")
                                            for name, inj in site.injectors.items()}}
+        if what == "tamper":
+            return {"ok": True, "tamper": {name: site.tamper(name).model_dump(mode="json")
+                                           for name in _meters(site)}}
+        if what == "events":
+            return {"ok": True, "events": {name: site.events(name) for name in _meters(site)}}
+        if what == "site":
+            return _site_answer(site)
         if what == "lines":
             return {"ok": True, "lines": site.line_paths()}
         if what == "stats":
@@ -74,20 +169,16 @@ def handle(site: SimulatedSite, message: Any) -> dict[str, Any]:
                                 for name, inj in site.injectors.items()},
                     "lines": lines}
         return {"ok": False, "error": f"cannot get {what!r}; {_USAGE}"}
-    if set(message) != {"device", "faults"}:
+    if set(message) == {"site"}:
+        return _site_request(site, message["site"])
+    actions = [k for k in message if k != "device"]
+    if "device" not in message or len(actions) != 1 or actions[0] not in _DEVICE_ACTIONS:
         return {"ok": False, "error": _USAGE}
-    device, raw = message["device"], message["faults"]
+    device = message["device"]
     if not isinstance(device, str) or device not in site.injectors:
         return {"ok": False, "error": f"no device named {device!r} (devices: "
                                       f"{', '.join(site.injectors)})"}
-    if not isinstance(raw, dict):
-        return {"ok": False, "error": "faults must be a JSON object"}
-    try:
-        faults = Faults.model_validate(raw)
-    except ValueError as exc:  # pydantic's ValidationError
-        return {"ok": False, "error": _validation_message(exc)}
-    site.set_faults(device, faults)
-    return {"ok": True, "device": device, "faults": faults.model_dump(mode="json")}
+    return _device_request(site, device, actions[0], message[actions[0]])
 
 
 class ControlServer:

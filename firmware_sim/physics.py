@@ -1,15 +1,26 @@
-"""The electrical model of a simulated site: what its main meter measures at time ``t``.
+"""The electrical model of a simulated site: what each of its meters measures at time ``t``.
 
 Total active power is an uncontrolled base load with a daily cycle and noise, plus the rated
-power of every switchable load whose relay is on. It is split over three phases with a small
-fixed imbalance; voltage, current and power factor per phase are consistent with it
-(``P = V * I * PF`` per phase, total = sum of phases). Import energy integrates the total power
-between samples.
+power of every switchable load whose relay is on, plus the EV charging point and the site's
+unmetered load. It is split over three phases with a small fixed imbalance; voltage, current and
+power factor per phase are consistent with it (``P = V * I * PF`` per phase, total = sum of
+phases).
+
+Every configured device is a meter with a scope (``[devices.metering]``): a main meter measures
+the whole site (the default), a sub-meter only its loads, its share of the base load and, if it
+says so, the EV charging point; the unmetered load (``site.unmetered_kw``) is seen by whole-site
+meters only. A meter shows what its tamper signatures (``[devices.tamper]``) let it see: a
+shunted CT reads a fraction of its phase, a reversed CT reads its phase negative. Each meter has
+its own energy registers (import and export, total and per phase), integrated from what that
+meter reports, trapezoid between samples: per phase by the phase's direction, the totals by the
+sign of the algebraic sum of the phases (as DL/T 645 and most three-phase meters count).
+A ``stopped`` register stands still, a ``decreasing`` one counts down (never below 0). The
+model's own view (``device=None``) is the whole site, untampered.
 
 Time is always passed in (unix seconds), never read from a clock here: the model is a pure
-function of ``t``, the relay states and the sampling history. The noise of a given second is
-drawn from a generator seeded by ``(site.seed, second)``, so repeated queries within the same
-second agree and a run is reproducible whatever the order of the queries.
+function of ``t``, the relay states, the signatures and the sampling history. The noise of a
+given second is drawn from a generator seeded by ``(site.seed, second)``, so repeated queries
+within the same second agree and a run is reproducible whatever the order of the queries.
 
 Besides the per-phase basics the model serves what meters derive from them: reactive and
 apparent power (``S = P / PF``, ``Q = sqrt(S^2 - P^2)``, inductive, so ``Q >= 0``), line
@@ -31,7 +42,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from lmt.config.site import SimLoad, SiteConfig
+from lmt.config.site import (
+    EVENT_COUNT_MAX,
+    EVENT_KEYS,
+    WHOLE_SITE,
+    Metering,
+    SimLoad,
+    SiteConfig,
+    Tamper,
+    event_point,
+)
 
 PHASES = ("l1", "l2", "l3")
 
@@ -70,6 +90,8 @@ QUANTITIES: tuple[str, ...] = (
     "ev_available",
     "ev_meter_initialised",
     "ev_meter_age_s",
+    # DL/T 645 event counters (config.site.EVENT_KEYS)
+    *(event_point(key) for key in EVENT_KEYS),
 )
 
 #: The charger's station limit and the car's maximum charging current, per phase.
@@ -78,6 +100,11 @@ EV_MAX_CURRENT_A = 32.0
 EV_MIN_CURRENT_A = 6.0
 #: The charger's own energy register at start (energy delivered to cars so far).
 EV_START_ENERGY_KWH = 4321.0
+
+#: A shunt that leaves the meter less than this share of its phase's current starts a loss of
+#: current event (DL/T 645 失流: voltage present, the phase's current below the meter's
+#: threshold while the others carry load).
+CURRENT_LOSS_SEEN = 0.05
 
 #: Names a master may write (:meth:`SitePhysics.write_point`).
 WRITABLE: tuple[str, ...] = ("ev_setpoint_a",)
@@ -116,7 +143,8 @@ def hour_of_day(t: float) -> float:
 
 
 def lookup(quantities: Mapping[str, float], name: str) -> float:
-    """The value of point ``name`` in a sample, with unit aliases; unknown names give 0.0.
+    """The value of point ``name`` in a sample, with unit aliases; unknown names give 0.0, and so
+    does a known quantity the sample does not hold (a hand-made sample without event counters).
 
     ``power_kw`` and ``power_l1_kw`` are served from ``power_w`` / ``power_l1_w`` in kW
     (likewise ``_kvar`` and ``_kva``), ``import_energy_wh`` from ``import_energy_kwh`` in Wh.
@@ -128,7 +156,7 @@ def lookup(quantities: Mapping[str, float], name: str) -> float:
     if canonical is None:
         return 0.0
     base, factor = canonical
-    return quantities[base] * factor
+    return quantities.get(base, 0.0) * factor
 
 
 def canonical_name(name: str) -> tuple[str, float] | None:
@@ -148,8 +176,70 @@ def is_known(name: str) -> bool:
     return canonical_name(name) is not None
 
 
+def _trapezoid(a: float, b: float, hours: float) -> float:
+    return (a + b) / 2.0 * hours
+
+
+def _pos(x: float) -> float:
+    return x if x > 0.0 else 0.0
+
+
+def _neg(x: float) -> float:
+    return -x if x < 0.0 else 0.0
+
+
+_REGISTER_SIGN = {"counting": 1.0, "stopped": 0.0, "decreasing": -1.0}
+
+
+class _Meter:
+    """One meter's scope, signatures, event counters and energy registers."""
+
+    def __init__(self, name: str | None, scope: Metering, start_kwh: float,
+                 shares: tuple[float, float, float]) -> None:
+        self.name = name
+        self.scope = scope
+        self.tamper = Tamper()
+        self.events: dict[str, int] = dict.fromkeys(EVENT_KEYS, 0)
+        self.import_kwh = float(start_kwh)
+        self.export_kwh = 0.0
+        # Per-phase registers: the start reading split like the load, then integrated.
+        self.import_phase = [self.import_kwh * share for share in shares]
+        self.export_phase = [0.0, 0.0, 0.0]
+        #: What the meter reported at the last sample (kW per phase, signed).
+        self.last_kw: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def advance(self, now_kw: tuple[float, float, float], hours: float) -> None:
+        """Integrate from the last sample to one ``hours`` later at which it reports ``now_kw``."""
+        sign = _REGISTER_SIGN[self.tamper.registers]
+        last = self.last_kw
+        self.last_kw = now_kw
+        if sign == 0.0 or hours <= 0.0:
+            return
+        for i in range(3):
+            a, b = last[i], now_kw[i]
+            self.import_phase[i] = max(0.0, self.import_phase[i]
+                                       + sign * _trapezoid(_pos(a), _pos(b), hours))
+            self.export_phase[i] = max(0.0, self.export_phase[i]
+                                       + sign * _trapezoid(_neg(a), _neg(b), hours))
+        p0, p1 = sum(last), sum(now_kw)
+        self.import_kwh = max(0.0, self.import_kwh + sign * _trapezoid(_pos(p0), _pos(p1), hours))
+        self.export_kwh = max(0.0, self.export_kwh + sign * _trapezoid(_neg(p0), _neg(p1), hours))
+
+    def count(self, key: str, n: int = 1) -> None:
+        """The meter records ``n`` events of ``key`` (a DL/T 645 count saturates at 999999)."""
+        self.events[key] = min(EVENT_COUNT_MAX, self.events[key] + n)
+
+    def registers(self) -> dict[str, float]:
+        out = {"import_energy_kwh": self.import_kwh, "export_energy_kwh": self.export_kwh}
+        for i, ph in enumerate(PHASES):
+            out[f"import_energy_{ph}_kwh"] = self.import_phase[i]
+            out[f"export_energy_{ph}_kwh"] = self.export_phase[i]
+        return out
+
+
 class SitePhysics:
-    """Relay states, power and energy of a :class:`~lmt.config.site.SiteConfig`."""
+    """Relay states, power and energy of a :class:`~lmt.config.site.SiteConfig`, as the site is
+    and as each of its meters (devices) sees it."""
 
     def __init__(self, site: SiteConfig) -> None:
         self.site = site.site
@@ -159,17 +249,25 @@ class SitePhysics:
         rng = np.random.default_rng([self.site.seed, 1])
         dev = rng.uniform(-_IMBALANCE, _IMBALANCE, size=3)
         dev -= dev.mean()
-        self._shares = tuple(float(s) for s in (1.0 + dev) / 3.0)
+        self._shares = (float((1.0 + dev[0]) / 3.0), float((1.0 + dev[1]) / 3.0),
+                        float((1.0 + dev[2]) / 3.0))
         # (second, noise of that second); replaced as one tuple so readers never see a mix.
         self._noise_cache: tuple[int, _Noise] | None = None
-        self._energy_kwh = float(self.site.import_energy_kwh)
-        # Per-phase import registers: the start reading split like the load, then integrated.
-        self._phase_energy_kwh = [self._energy_kwh * share for share in self._shares]
+        self._unmetered_kw = float(self.site.unmetered_kw)
+        start = float(self.site.import_energy_kwh)
+        #: The site as it is (the model's own view, device None), then every device as a meter.
+        self._site_meter = _Meter(None, WHOLE_SITE, start, self._shares)
+        self._meters: dict[str, _Meter] = {}
+        for d in site.devices:
+            scope = d.metering
+            m = _Meter(d.name, scope, start if scope.import_energy_kwh is None
+                       else scope.import_energy_kwh, self._shares)
+            m.events.update(d.events.model_dump())
+            self._meters[d.name] = m
+            self._apply_tamper(m, d.tamper)  # a signature in the site file starts now
         self._ev_energy_kwh = EV_START_ENERGY_KWH
         self._ev_setpoint_a = 0.0
         self._last_t: float | None = None
-        self._last_kw = 0.0
-        self._last_phase_kw: tuple[float, ...] = (0.0, 0.0, 0.0)
         self._last_ev_kw = 0.0
 
     # -- loads -------------------------------------------------------------------------------
@@ -191,7 +289,7 @@ class SitePhysics:
         """Switch the load on ``relay``; returns it (None if no load hangs on that relay).
 
         With ``t``, energy is first integrated up to ``t`` at the old power, so the switch
-        lands exactly at ``t`` in the energy register.
+        lands exactly at ``t`` in the energy registers.
         """
         load = self._loads.get(relay)
         if load is None:
@@ -244,6 +342,96 @@ class SitePhysics:
             self._restart_at(t)
         return True
 
+    # -- meters: scopes, signatures, events ---------------------------------------------------
+
+    def _meter(self, device: str | None) -> _Meter:
+        if device is None:
+            return self._site_meter
+        try:
+            return self._meters[device]
+        except KeyError:
+            raise KeyError(f"no device named {device!r} (devices: "
+                           f"{', '.join(self._meters)})") from None
+
+    @property
+    def meters(self) -> list[str]:
+        """Every device's name: each is a meter with its own scope and registers."""
+        return list(self._meters)
+
+    def metering(self, device: str) -> Metering:
+        """What ``device`` measures."""
+        return self._meter(device).scope
+
+    def tamper(self, device: str) -> Tamper:
+        """The signatures ``device`` shows."""
+        return self._meter(device).tamper
+
+    def set_tamper(self, device: str, tamper: Tamper, t: float | None = None) -> None:
+        """Replace the signatures of ``device``. With ``t``, energy is integrated up to ``t`` as
+        the meter saw it before, and from ``t`` on as it sees it now. A reversed CT that starts
+        counts a reverse-flow event of its phase, a shunt that leaves less than
+        :data:`CURRENT_LOSS_SEEN` of the current a loss-of-current event."""
+        m = self._meter(device)
+        if t is not None:
+            self._integrate(t)
+        self._apply_tamper(m, tamper)
+        if t is not None:
+            self._restart_at(t)
+
+    @staticmethod
+    def _apply_tamper(m: _Meter, tamper: Tamper) -> None:
+        old = m.tamper
+        if tamper.ct_reversed is not None and tamper.ct_reversed != old.ct_reversed:
+            m.count(f"reverse_flow_{tamper.ct_reversed}")
+        shunt = tamper.ct_shunt
+        if shunt is not None and shunt.seen < CURRENT_LOSS_SEEN:
+            before = old.ct_shunt
+            if before is None or before.phase != shunt.phase or before.seen >= CURRENT_LOSS_SEEN:
+                m.count(f"current_loss_{shunt.phase}")
+        m.tamper = tamper
+
+    def events(self, device: str) -> dict[str, int]:
+        """The event counters of ``device`` (keys of :data:`~lmt.config.site.EVENT_KEYS`)."""
+        return dict(self._meter(device).events)
+
+    def count_event(self, device: str, key: str, n: int = 1) -> int:
+        """``device`` records ``n`` events of ``key`` (the cover opened: ``"cover_open"``);
+        returns the new count."""
+        if key not in EVENT_KEYS:
+            raise KeyError(f"no event {key!r} (events: {', '.join(EVENT_KEYS)})")
+        m = self._meter(device)
+        m.count(key, n)
+        return m.events[key]
+
+    def jump_register(self, device: str, kwh: float, t: float | None = None) -> float:
+        """A one-off step of ``device``'s total import register by ``kwh`` (negative: back),
+        never below 0; the per-phase registers do not follow. With ``t``, energy is integrated
+        up to ``t`` first. Returns the new reading."""
+        m = self._meter(device)
+        if t is not None:
+            self._integrate(t)
+        m.import_kwh = max(0.0, m.import_kwh + kwh)
+        return m.import_kwh
+
+    def registers(self, device: str | None = None) -> dict[str, float]:
+        """The energy registers of ``device`` (None: the site's own) as of the last sample."""
+        return self._meter(device).registers()
+
+    @property
+    def unmetered_kw(self) -> float:
+        """Load between the main meter and the sub-meters (whole-site meters see it)."""
+        return self._unmetered_kw
+
+    def set_unmetered_kw(self, kw: float, t: float | None = None) -> None:
+        """Change the unmetered load; with ``t``, energy is integrated up to ``t`` first."""
+        if not kw >= 0.0 or not math.isfinite(kw):
+            raise ValueError(f"unmetered_kw must be a finite number >= 0 (got {kw!r})")
+        if t is not None:
+            self._integrate(t)
+        self._unmetered_kw = float(kw)
+        if t is not None:
+            self._restart_at(t)
+
     # -- power -------------------------------------------------------------------------------
 
     def _noise_at(self, t: float) -> _Noise:
@@ -278,59 +466,82 @@ class SitePhysics:
         v1, v2, v3 = self._voltages(t)
         return (v1 * amps * pf, v2 * amps * pf, v3 * amps * pf)
 
-    def _phase_w(self, t: float) -> tuple[float, float, float]:
-        """Active power per phase at ``t``: the shared load split by the imbalance, plus the EV."""
-        shared_w = (self.base_load_kw(t) + self.switched_kw()) * 1000.0
-        ev = self._ev_phase_w(t)
+    def _scope_phase_w(self, t: float, scope: Metering) -> tuple[float, float, float]:
+        """True active power per phase in ``scope`` at ``t``: its shared load split by the
+        imbalance, plus the EV if it is in the scope."""
+        if scope.whole_site:
+            shared_kw = self.base_load_kw(t) + self.switched_kw() + self._unmetered_kw
+            ev = self._ev_phase_w(t)
+        else:
+            shared_kw = self.base_load_kw(t) * scope.base_share + sum(
+                load.kw for relay, load in self._loads.items()
+                if self._on[relay] and load.name in scope.loads)
+            ev = self._ev_phase_w(t) if scope.ev else (0.0, 0.0, 0.0)
+        shared_w = shared_kw * 1000.0
         total_w = shared_w + sum(ev)
         p1 = shared_w * self._shares[0] + ev[0]
         p2 = shared_w * self._shares[1] + ev[1]
         return (p1, p2, total_w - p1 - p2)
 
-    def power_kw(self, t: float) -> float:
-        """Total active power at ``t``: base load, the loads that are on and the EV."""
-        shared = self.base_load_kw(t) + self.switched_kw()
-        return shared + sum(self._ev_phase_w(t)) / 1000.0
+    def _reported_w(self, t: float, m: _Meter) -> tuple[float, float, float]:
+        """Active power per phase as meter ``m`` reports it at ``t``: its scope, tampered."""
+        p = list(self._scope_phase_w(t, m.scope))
+        shunt, reversed_ct = m.tamper.ct_shunt, m.tamper.ct_reversed
+        if shunt is not None:
+            p[PHASES.index(shunt.phase)] *= shunt.seen
+        if reversed_ct is not None:
+            i = PHASES.index(reversed_ct)
+            p[i] = -p[i]
+        return (p[0], p[1], p[2])
+
+    def power_kw(self, t: float, device: str | None = None) -> float:
+        """Total active power at ``t`` as ``device`` reports it (None: the whole site: base load,
+        the loads that are on, the EV and the unmetered load)."""
+        return sum(self._reported_w(t, self._meter(device))) / 1000.0
 
     # -- energy ------------------------------------------------------------------------------
 
     @property
     def import_energy_kwh(self) -> float:
-        """Import energy register as of the last sample."""
-        return self._energy_kwh
+        """The site's import energy as of the last sample (what a clean main meter reads)."""
+        return self._site_meter.import_kwh
+
+    def _all_meters(self) -> list[_Meter]:
+        return [self._site_meter, *self._meters.values()]
 
     def _restart_at(self, t: float) -> None:
         """After a change of state at ``t``: integrate on from ``t`` at the new power."""
         if self._last_t is not None and t >= self._last_t:
-            self._last_kw = self.power_kw(t)
-            self._last_phase_kw = tuple(w / 1000.0 for w in self._phase_w(t))
+            for m in self._all_meters():
+                m.last_kw = self._reported_kw(t, m)
             self._last_ev_kw = sum(self._ev_phase_w(t)) / 1000.0
 
+    def _reported_kw(self, t: float, m: _Meter) -> tuple[float, float, float]:
+        w = self._reported_w(t, m)
+        return (w[0] / 1000.0, w[1] / 1000.0, w[2] / 1000.0)
+
     def _integrate(self, t: float) -> None:
-        """Advance the energy registers to ``t`` (trapezoid from the previous sample)."""
-        kw = self.power_kw(t)
-        phase_kw = tuple(w / 1000.0 for w in self._phase_w(t))
+        """Advance every meter's energy registers to ``t`` (trapezoid from the previous
+        sample)."""
+        last = self._last_t
+        if last is not None and t <= last:  # the same moment, or the clock went back: keep
+            return
+        hours = 0.0 if last is None else (t - last) / 3600.0
+        for m in self._all_meters():
+            m.advance(self._reported_kw(t, m), hours)
         ev_kw = sum(self._ev_phase_w(t)) / 1000.0
-        if self._last_t is None:
-            self._last_t, self._last_kw = t, kw
-            self._last_phase_kw, self._last_ev_kw = phase_kw, ev_kw
-            return
-        if t < self._last_t:  # clock went backwards: keep the register, do not integrate
-            return
-        hours = (t - self._last_t) / 3600.0
-        self._energy_kwh += (self._last_kw + kw) / 2.0 * hours
-        for i in range(3):
-            self._phase_energy_kwh[i] += (self._last_phase_kw[i] + phase_kw[i]) / 2.0 * hours
-        self._ev_energy_kwh += (self._last_ev_kw + ev_kw) / 2.0 * hours
-        self._last_t, self._last_kw = t, kw
-        self._last_phase_kw, self._last_ev_kw = phase_kw, ev_kw
+        if last is not None:
+            self._ev_energy_kwh += (self._last_ev_kw + ev_kw) / 2.0 * hours
+        self._last_t, self._last_ev_kw = t, ev_kw
 
     # -- samples -----------------------------------------------------------------------------
 
-    def quantities(self, t: float) -> dict[str, float]:
-        """Every quantity at ``t`` (energy as of the last sample); does not advance energy."""
+    def quantities(self, t: float, device: str | None = None) -> dict[str, float]:
+        """Every quantity at ``t`` as ``device`` measures it (None: the whole site, untampered);
+        energy as of the last sample; does not advance energy."""
         s = self.site
-        phase_w = self._phase_w(t)
+        m = self._meter(device)
+        phase_w = self._reported_w(t, m)
         voltages = self._voltages(t)
         _, _, freq_noise = self._noise_at(t)
         pf = s.power_factor
@@ -339,15 +550,15 @@ class SitePhysics:
         ev_w = self._ev_phase_w(t)
         out: dict[str, float] = {}
         for i, ph in enumerate(PHASES):
-            v = voltages[i]
+            v, p = voltages[i], phase_w[i]
             out[f"voltage_{ph}_v"] = v
-            out[f"current_{ph}_a"] = phase_w[i] / (v * pf)
-            out[f"power_{ph}_w"] = phase_w[i]
-            out[f"reactive_power_{ph}_var"] = phase_w[i] * q_per_p
-            out[f"apparent_power_{ph}_va"] = phase_w[i] / pf
-            out[f"power_factor_{ph}"] = pf
-            out[f"import_energy_{ph}_kwh"] = self._phase_energy_kwh[i]
-            out[f"export_energy_{ph}_kwh"] = 0.0
+            out[f"current_{ph}_a"] = p / (v * pf)  # signed: a reversed CT reads negative
+            out[f"power_{ph}_w"] = p
+            out[f"reactive_power_{ph}_var"] = p * q_per_p
+            out[f"apparent_power_{ph}_va"] = abs(p) / pf
+            out[f"power_factor_{ph}"] = -pf if p < 0.0 else pf
+            out[f"import_energy_{ph}_kwh"] = m.import_phase[i]
+            out[f"export_energy_{ph}_kwh"] = m.export_phase[i]
             out[f"ev_current_{ph}_a"] = ev_amps
             out[f"ev_power_{ph}_w"] = ev_w[i]
         for ln, (a, b) in zip(LINES, ((0, 1), (1, 2), (2, 0)), strict=True):
@@ -356,12 +567,17 @@ class SitePhysics:
         p_w = sum(phase_w)
         out["power_w"] = p_w
         out["reactive_power_var"] = p_w * q_per_p
-        out["apparent_power_va"] = p_w / pf
-        out["power_factor"] = pf
+        if min(phase_w) >= 0.0:
+            out["apparent_power_va"] = p_w / pf
+            out["power_factor"] = pf
+        else:  # phases of opposite signs: S is the sum of the phases' apparent powers
+            apparent = sum(abs(p) for p in phase_w) / pf
+            out["apparent_power_va"] = apparent
+            out["power_factor"] = p_w / apparent if apparent > 0.0 else pf
         out["frequency_hz"] = s.frequency_hz + freq_noise
         out["phase_sequence_ok"] = 1.0
-        out["import_energy_kwh"] = self._energy_kwh
-        out["export_energy_kwh"] = 0.0
+        out["import_energy_kwh"] = m.import_kwh
+        out["export_energy_kwh"] = m.export_kwh
         out["ev_setpoint_a"] = self._ev_setpoint_a
         out["ev_current_limit_a"] = min(max(self._ev_setpoint_a, 0.0), EV_MAX_CURRENT_A)
         out["ev_power_w"] = sum(ev_w)
@@ -372,9 +588,12 @@ class SitePhysics:
         out["ev_available"] = 1.0
         out["ev_meter_initialised"] = 1.0
         out["ev_meter_age_s"] = t % 1.0  # the charger reads its meter on every whole second
+        for key, count in m.events.items():
+            out[event_point(key)] = float(count)
         return out
 
-    def sample(self, t: float) -> dict[str, float]:
-        """Advance the energy registers to ``t`` and return every quantity at ``t``."""
+    def sample(self, t: float, device: str | None = None) -> dict[str, float]:
+        """Advance the energy registers to ``t`` and return every quantity at ``t`` as ``device``
+        measures it."""
         self._integrate(t)
-        return self.quantities(t)
+        return self.quantities(t, device)

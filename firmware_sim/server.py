@@ -52,6 +52,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -69,7 +70,7 @@ from pymodbus.simulator.simcore import SimCore
 from pymodbus.simulator.simruntime import SimRuntime
 
 from lmt.config.profiles import Point, Profile, Table, load_profile
-from lmt.config.site import Faults, SimLoad, SiteConfig, load_site
+from lmt.config.site import EVENT_KEYS, Faults, SimLoad, SiteConfig, Tamper, load_site
 from lmt.config.site import SimDevice as DeviceConfig
 
 from .dlt645 import Dlt645Line
@@ -262,7 +263,8 @@ class _Device:
             if table is Table.COIL:
                 value = self.site.physics.relay_on(relay)
             else:
-                value = bool(lookup(self.site.physics.quantities(self.site.clock()), p.name))
+                value = bool(lookup(self.site.physics.quantities(self.site.clock(), self.name),
+                                          p.name))
             blocks.append(SimData(address=p.address, values=[value], datatype=DataType.BITS))
         for start, length in self.gaps[table]:
             blocks.append(SimData(address=start, values=[False] * length,
@@ -296,7 +298,7 @@ class _Device:
         return words
 
     def _register_block(self, table: Table) -> list[SimData]:
-        quantities = self.site.physics.quantities(self.site.clock())
+        quantities = self.site.physics.quantities(self.site.clock(), self.name)
         blocks = []
         for cell in self.cells[table]:
             blocks.append(SimData(address=cell.address,
@@ -335,7 +337,7 @@ class _Device:
         without advancing it); everything else is what the datastore holds."""
         if self.runtime is None:
             return None
-        quantities = self.site.physics.quantities(self.site.clock())
+        quantities = self.site.physics.quantities(self.site.clock(), self.name)
         snapshot: _Snapshot = {}
         for table, key in zip(_TABLES, _BLOCK_KEYS, strict=True):
             start, _, registers, _ = self.runtime.block[key]
@@ -392,7 +394,7 @@ class _Device:
         # A write's answer (pymodbus reads the registers back for it) echoes what was written:
         # only reads see the registers composed afresh.
         if function_code in _REGISTER_READS and self.refresh[table]:
-            quantities = self.site.physics.sample(self.site.clock())
+            quantities = self.site.physics.sample(self.site.clock(), self.name)
             for cell in self.refresh[table]:
                 i = cell.address - start_address
                 registers[i:i + cell.size] = self._compose(cell, quantities,
@@ -505,6 +507,7 @@ class SimulatedSite:
             return given[profile_id] if profile_id in given else load_profile(profile_id)
 
         self.config = config
+        self._profile = profile
         self.host = config.server.host if host is None else host
         self.port = config.server.port if port is None else port
         self.clock = clock
@@ -542,7 +545,8 @@ class SimulatedSite:
                 self._meter_names[(ln.name, d.address)] = d.name
             self.dlt645_lines[ln.name] = Dlt645Line(
                 {a: profile(d.profile) for a, d in addresses.items()},
-                self.physics.sample, clock=clock, line_settings=ln,
+                {a: partial(self.physics.sample, device=d.name) for a, d in addresses.items()},
+                clock=clock, line_settings=ln,
                 on_relay=self._meter_relay_handler(ln.name), seed=config.site.seed,
                 injectors={a: self.injectors[d.name] for a, d in addresses.items()},
                 wire_time=wire_time)
@@ -647,6 +651,54 @@ class SimulatedSite:
         if injector is None:
             raise KeyError(f"no device named {device_name!r}")
         return injector.faults
+
+    # -- energy-ledger signatures ----------------------------------------------------------------
+
+    def _meter_device(self, device_name: str) -> DeviceConfig:
+        for d in self.config.devices:
+            if d.name == device_name:
+                if self._profile(d.profile).kind != "meter":
+                    raise ValueError(f"{device_name!r} is not a meter (profile {d.profile!r})")
+                return d
+        raise KeyError(f"no device named {device_name!r} (devices: "
+                       f"{', '.join(d.name for d in self.config.devices)})")
+
+    def set_tamper(self, device_name: str, tamper: Tamper) -> None:
+        """Replace the signatures a meter shows, from now on (its registers count what it sees
+        from now; a reversed CT or a shunt that starts counts its DL/T 645 event)."""
+        self._meter_device(device_name)
+        self.physics.set_tamper(device_name, tamper, self.clock())
+
+    def tamper(self, device_name: str) -> Tamper:
+        """The signatures a meter currently shows."""
+        self._meter_device(device_name)
+        return self.physics.tamper(device_name)
+
+    def count_event(self, device_name: str, key: str) -> int:
+        """A meter records one event (``"cover_open"``: its cover was opened); returns the new
+        count. The meter's profile must serve the count (``event_<key>_count``)."""
+        d = self._meter_device(device_name)
+        if key not in EVENT_KEYS:
+            raise KeyError(f"no event {key!r} (events: {', '.join(EVENT_KEYS)})")
+        point = f"event_{key}_count"
+        if not self._profile(d.profile).has_point(point):
+            raise ValueError(f"{device_name!r} (profile {d.profile!r}) has no point {point}")
+        return self.physics.count_event(device_name, key)
+
+    def events(self, device_name: str) -> dict[str, int]:
+        """A meter's event counters."""
+        self._meter_device(device_name)
+        return self.physics.events(device_name)
+
+    def jump_register(self, device_name: str, kwh: float) -> float:
+        """A one-off step of a meter's import register by ``kwh`` (negative: back), now;
+        returns the new reading."""
+        self._meter_device(device_name)
+        return self.physics.jump_register(device_name, kwh, self.clock())
+
+    def set_unmetered_kw(self, kw: float) -> None:
+        """Change the load between the main meter and the sub-meters, from now on."""
+        self.physics.set_unmetered_kw(kw, self.clock())
 
     # -- the request path shared by TCP and RTU --------------------------------------------------
 
