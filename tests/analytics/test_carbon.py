@@ -368,6 +368,7 @@ def test_an_interval_across_two_hours_of_the_curve_is_split_by_time(table: Facto
     assert export == pytest.approx(6.0 * mean, rel=1e-12)
     assert c.kg_per_kwh[0] < mean < c.kg_per_kwh[1]
     assert fid == "curve/east-20240601"
+    assert kg == pytest.approx(16.0, rel=1e-12)  # the example of docs/carbon-and-losses.md
 
 
 def test_an_interval_across_the_curve_end_mixes_curve_and_table(table: FactorTable) -> None:

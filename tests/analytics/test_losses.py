@@ -78,6 +78,8 @@ def test_the_worked_example() -> None:
     assert out[4][0]["data"]["missing"] == {"a": "no energy"}
     assert out[2][0]["data"]["exceeded"] is None and out[1][0]["data"]["exceeded"] is True
     assert not st.active and st.over == 0 and st.under == 0
+    absolute = LossGroup(**{**GROUP.to_dict(), "method": "absolute"})  # 10 kWh: none exceeds
+    assert events(run(absolute, WORKED)[1]) == []
 
 
 def test_every_interval_gives_its_figures_first() -> None:
