@@ -249,8 +249,8 @@ class _Reader:
                 pass
         raise CarbonError(f"{self.at(key)}: expected a date YYYY-MM-DD, got {v!r}")
 
-    def keys(self, key: str) -> tuple[str, ...]:
-        v = self.raw(key, [])
+    def keys(self, key: str, required: bool = False) -> tuple[str, ...]:
+        v = self.raw(key) if required else self.raw(key, [])
         if not isinstance(v, list) or not all(isinstance(x, str) and _KEY.fullmatch(x) for x in v):
             raise CarbonError(f"{self.at(key)}: expected a list of lowercase keys, got {v!r}")
         if len(set(v)) != len(v):
@@ -310,7 +310,7 @@ def parse_factors(data: Mapping[str, Any]) -> FactorTable:
         if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise CarbonError(f"{where}: expected a lowercase key")
         r = _Reader(body, where)
-        grid = Grid(key=key, name=r.string("name"), provinces=r.keys("provinces"),
+        grid = Grid(key=key, name=r.string("name"), provinces=r.keys("provinces", required=True),
                     partly=r.keys("partly"), source=r.string("source"),
                     status=r.string("status", "confirmed"))
         if grid.status not in STATUSES:

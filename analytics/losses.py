@@ -280,7 +280,8 @@ def step(group: LossGroup, state: LossState, interval: LossInterval
     """Judge one interval and move the group's state: (new state, records).
 
     Records, in order: ``{"type": "loss_interval", "ts": end, "data": {figures, status,
-    exceeded, missing, intervals_over, intervals_under, active}}`` for every interval stepped;
+    exceeded, missing, intervals_over, intervals_under, active}}`` for every interval stepped
+    (the counts of the runs including this interval; ``active`` after it);
     then, when it happens, ``{"type": "loss_exceeded", "ts": end, "data": {figures, limits,
     intervals_over, since, at}}`` or ``{"type": "loss_cleared", "ts": end, "data": {figures,
     limits, intervals_under, since, raised_at, cleared_at, peak_loss_kwh, peak_loss_pct}}``.
@@ -303,30 +304,28 @@ def step(group: LossGroup, state: LossState, interval: LossInterval
     elif not st.active:
         if v.exceeded:
             st = replace(st, over=st.over + 1, run_since=a if st.over == 0 else st.run_since)
-            if st.over >= group.raise_after:
-                events.append({"type": "loss_exceeded", "ts": b, "data": {
-                    **figures, "limits": group.limits(), "intervals_over": st.over,
-                    "since": st.run_since, "at": b}})
-                st = replace(st, active=True, over=0, under=0, raised_since=st.run_since,
-                             raised_at=b, run_since=None, peak_loss_kwh=_r(v.loss_kwh, 4),
-                             peak_loss_pct=_r(v.loss_pct, 3))
         else:
             st = replace(st, over=0, run_since=None)
     else:
-        if v.exceeded:
-            st = replace(st, under=0)
-        else:
-            st = replace(st, under=st.under + 1)
+        st = replace(st, under=0 if v.exceeded else st.under + 1)
         if _worse(group, v, st):
             st = replace(st, peak_loss_kwh=_r(v.loss_kwh, 4), peak_loss_pct=_r(v.loss_pct, 3))
-        if st.under >= group.clear_after:
-            events.append({"type": "loss_cleared", "ts": b, "data": {
-                **figures, "limits": group.limits(), "intervals_under": st.under,
-                "since": st.raised_since, "raised_at": st.raised_at, "cleared_at": b,
-                "peak_loss_kwh": st.peak_loss_kwh, "peak_loss_pct": st.peak_loss_pct}})
-            st = replace(st, active=False, under=0, raised_since=None, raised_at=None,
-                         peak_loss_kwh=None, peak_loss_pct=None)
+    counts = st.over, st.under  # the runs including this interval, as the record shows them
+    if not st.active and st.over >= group.raise_after:
+        events.append({"type": "loss_exceeded", "ts": b, "data": {
+            **figures, "limits": group.limits(), "intervals_over": st.over,
+            "since": st.run_since, "at": b}})
+        st = replace(st, active=True, over=0, under=0, raised_since=st.run_since, raised_at=b,
+                     run_since=None, peak_loss_kwh=_r(v.loss_kwh, 4),
+                     peak_loss_pct=_r(v.loss_pct, 3))
+    elif st.active and st.under >= group.clear_after:
+        events.append({"type": "loss_cleared", "ts": b, "data": {
+            **figures, "limits": group.limits(), "intervals_under": st.under,
+            "since": st.raised_since, "raised_at": st.raised_at, "cleared_at": b,
+            "peak_loss_kwh": st.peak_loss_kwh, "peak_loss_pct": st.peak_loss_pct}})
+        st = replace(st, active=False, under=0, raised_since=None, raised_at=None,
+                     peak_loss_kwh=None, peak_loss_pct=None)
     record = {"type": "loss_interval", "ts": b, "data": {
         **figures, "status": v.status, "exceeded": v.exceeded, "missing": dict(v.missing),
-        "intervals_over": st.over, "intervals_under": st.under, "active": st.active}}
+        "intervals_over": counts[0], "intervals_under": counts[1], "active": st.active}}
     return st, [record, *events]

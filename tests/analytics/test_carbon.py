@@ -185,6 +185,7 @@ BAD_TABLES = [
     (_set(("grids", "east", "provinces"), ["jiangsu", "hebei"]),
      "grids.north.provinces: 'hebei' is already in grids.east"),
     (_set(("grids", "east", "provinces"), "jiangsu"), "grids.east.provinces: expected a list"),
+    (_set(("grids", "east", "provinces"), KeyError), "grids.east.provinces: missing"),
     (_set(("grids", "east", "partly"), ["hebei"]), "grids.east.partly: 'hebei' is wholly in grids.north"),
 ]
 

@@ -93,6 +93,9 @@ def test_every_interval_gives_its_figures_first() -> None:
         100.0, 96.0, 4.0, 4.0)
     assert [recs[0]["data"]["active"] for recs in out] == [False, False, False, True, True, True,
                                                              False]
+    # the runs including each interval (the docs' "counts" column)
+    assert [recs[0]["data"]["intervals_over"] for recs in out] == [0, 1, 1, 2, 0, 0, 0]
+    assert [recs[0]["data"]["intervals_under"] for recs in out] == [0, 0, 0, 0, 0, 1, 2]
 
 
 # -- cycle tables ---------------------------------------------------------------------------------
