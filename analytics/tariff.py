@@ -208,8 +208,8 @@ class PeriodValues:
 @dataclass(frozen=True)
 class Energy:
     """Energy prices, 元/kWh. Either ``prices`` (stated per period) or ``base`` × ``ratios`` +
-    ``adder``, rounded half up to ``decimals`` places when given (Guangdong's notice: to 0.01
-    分/kWh, i.e. ``decimals = 4``)."""
+    ``adder``, computed in decimal on the figures as written and rounded half up to
+    ``decimals`` places when given (Guangdong's notice: to 0.01 分/kWh, ``decimals = 4``)."""
 
     prices: PeriodValues | None = None
     base: float | None = None
@@ -224,8 +224,11 @@ class Energy:
         ratio = self.ratios.get(period)
         if ratio is None:
             return None
-        value = self.base * ratio + self.adder
-        return value if self.decimals is None else round_half_up(value, self.decimals)
+        # in decimal, on the figures as written (0.6725 × 1.7 is 1.14325, not 1.1432499...)
+        value = Decimal(repr(self.base)) * Decimal(repr(ratio)) + Decimal(repr(self.adder))
+        if self.decimals is not None:
+            value = value.quantize(Decimal(1).scaleb(-self.decimals), rounding=ROUND_HALF_UP)
+        return float(value)
 
     def to_dict(self) -> dict[str, Any]:
         if self.prices is not None:
@@ -641,8 +644,8 @@ def _split(total: float, weights: Sequence[float]) -> list[float]:
     remainder), so no sum of them rounds."""
     if total == 0.0:
         return [0.0] * len(weights)
-    mantissa, exponent = math.frexp(total)
-    units = int(mantissa * (1 << 53))  # total == units * 2**(exponent - 53), exactly
+    quantum = max(math.frexp(total)[1] - 53, -1074)  # the last bit (subnormals: the least)
+    units = int(math.ldexp(total, -quantum))  # total == units * 2**quantum, exactly
     fractions = [Fraction(w) for w in weights]
     whole = sum(fractions, Fraction(0))
     exact = [units * f / whole for f in fractions]
@@ -650,7 +653,7 @@ def _split(total: float, weights: Sequence[float]) -> list[float]:
     by_remainder = sorted(range(len(exact)), key=lambda i: exact[i] - shares[i], reverse=True)
     for i in by_remainder[:units - sum(shares)]:
         shares[i] += 1
-    return [math.ldexp(s, exponent - 53) for s in shares]
+    return [math.ldexp(s, quantum) for s in shares]
 
 
 def price_interval(tariff: Tariff, calendar: HolidayCalendar, start: float, end: float,
