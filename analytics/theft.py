@@ -514,7 +514,7 @@ def _event(edge: _Edge, meter: str, indicator: str, phase: str | None, erc: str 
     if is_raised:
         data["detail"] = f"{raised} {EVIDENCE}"
         return {"type": "theft_indicator", "data": data}
-    data["detail"] = f"{cleared} (after {duration:.0f} s). {EVIDENCE}"
+    data["detail"] = f"{cleared}; the condition lasted {duration:.0f} s. {EVIDENCE}"
     data["duration_s"] = duration
     return {"type": "theft_indicator_cleared", "data": data}
 
