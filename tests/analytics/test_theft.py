@@ -15,6 +15,7 @@ import pytest
 from lmt.analytics.sample import Sample
 from lmt.analytics.theft import (
     COUNTER_ERC,
+    CtBypassRule,
     ImbalanceRule,
     RegisterStoppedRule,
     TheftConfig,
@@ -480,8 +481,6 @@ def test_the_configuration_round_trips_and_is_checked() -> None:
 
 
 def test_disabled_detectors_stay_silent() -> None:
-    from lmt.analytics.theft import CtBypassRule
-
     config = TheftConfig(ct_bypass=CtBypassRule(enabled=False),
                          current_imbalance=ImbalanceRule(enabled=False))
     _, events = run([reading(s, i=(0.0, 10.0, 10.0)) for s in range(0, 200)], config)
