@@ -23,7 +23,8 @@ DESCRIPTION = ("Serve a simulated site: its Modbus TCP devices on one TCP server
 SITE_FILE_HELP = """\
 site file (TOML; unknown keys are errors; examples in config/examples/):
   [site]         name, seed, base_load_kw, daily_swing, peak_hour, noise_kw,
-                 voltage_v, power_factor, frequency_hz, import_energy_kwh
+                 voltage_v, power_factor, frequency_hz, import_energy_kwh,
+                 unmetered_kw (a load the main meter sees and no sub-meter does)
   [server]       host (127.0.0.1), port (5020): the Modbus TCP server
   [[lines]]      a serial line on its own pseudo-terminal: name, protocol
                  ("modbus-rtu" or "dlt645"), baud (9600; dlt645: 2400), parity
@@ -33,7 +34,8 @@ site file (TOML; unknown keys are errors; examples in config/examples/):
                  (--ready-file). A dlt645 line without meters is not opened.
   [[devices]]    name, profile, line (default: the TCP server), faults, and
                  device_id (Modbus, 1-247) or address (DL/T 645: 12 digits; a
-                 dlt645 profile, exactly on a dlt645 line)
+                 dlt645 profile, exactly on a dlt645 line); meters also
+                 metering, tamper, events (below)
   [[loads]]      name, relay ("<device>.<coil point>"), kw, on
 
 DL/T 645 meters answer on their address (and the AA wildcards): read data 11
@@ -60,6 +62,28 @@ share of requests, the first fault that fires decides, in this order):
                    switches its load, but reads back its old state)
 Change them while running (--control-port N):
   python -m lmt.firmware_sim.control N '{"device": "meter-b", "faults": {"offline": true}}'
+
+meters ([devices.metering]; left out, every meter measures the whole site):
+  loads            the [[loads]] behind a sub-meter (by name)
+  base_share       its share of the base load (0-1; default 0)
+  ev               the EV charging point is behind it (false)
+  whole_site       a main meter (the default scope); import_energy_kwh: its
+                   own register at start (default: site.import_energy_kwh)
+signatures ([devices.tamper]; each meter's registers count what it shows):
+  ct_shunt         {phase = "l2", seen = 0.02}: it sees 2 % of that phase
+  ct_reversed      "l3": that phase's power and current read negative (its
+                   energy goes to the phase's export register; the totals
+                   count the algebraic sum of the phases)
+  registers        "counting" (default), "stopped" or "decreasing"
+events ([devices.events], DL/T 645 event counts at start, 0-999999):
+  cover_open, terminal_cover_open, magnetic_field, voltage_loss,
+  current_loss_l1..l3, reverse_flow_l1..l3 (a reversed CT, or a shunt under
+  5 %, that starts adds one)
+While running:
+  python -m lmt.firmware_sim.control N '{"device": "meter-b", "tamper": {"ct_reversed": "l3"}}'
+  python -m lmt.firmware_sim.control N '{"device": "meter-b", "event": "cover_open"}'
+  python -m lmt.firmware_sim.control N '{"device": "meter-a", "register_jump_kwh": -500}'
+  python -m lmt.firmware_sim.control N '{"site": {"unmetered_kw": 5.0}}'
 """
 
 
@@ -84,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="once listening, write the bound port into this file (and details "
                              "as JSON into F.json: control port, serial line paths)")
     parser.add_argument("--control-port", type=int, default=None,
-                        help="serve the control channel (JSON lines: change faults at runtime) on "
+                        help="serve the control channel (JSON lines: change faults and signatures "
+                             "at runtime) on "
                              "127.0.0.1:N; 0 = pick a free one")
 
 

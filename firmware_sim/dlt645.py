@@ -7,8 +7,9 @@ a bug cannot hide behind both sides sharing code.
 
 What a meter does:
 
-* ``11`` read data: profile points by DI (values from ``quantities(t)``, aliases through
-  :func:`~lmt.firmware_sim.physics.lookup`), block reads (a DI with one ``FF`` byte, e.g.
+* ``11`` read data: profile points by DI (values from the meter's ``quantities(t)``, aliases
+  through :func:`~lmt.firmware_sim.physics.lookup`; a quantity it does not hold, such as an
+  event counter of a hand-made sample, reads 0), block reads (a DI with one ``FF`` byte, e.g.
   ``0201FF00`` = the three phase voltages in DI order), status word 3 (``04000503``), date
   (``04000101``) and time (``04000102``) of the meter clock, the address (``04000401``) and raw
   data set with :meth:`Dlt645Line.set_raw`. An unknown DI gets the abnormal reply "no data

@@ -30,9 +30,16 @@ they are served as one merged cell, composed from the model on every read (each 
 its own bit); a write of the register is decoded per bit, and only the writable bits keep what
 was written.
 
+Every device is a meter of :class:`~lmt.firmware_sim.physics.SitePhysics`: it is served what
+*it* measures (its ``[devices.metering]`` scope, the whole site by default, as its
+``[devices.tamper]`` signatures let it see it) and its own energy registers.
+:meth:`SimulatedSite.set_tamper`, :meth:`~SimulatedSite.count_event`,
+:meth:`~SimulatedSite.jump_register` and :meth:`~SimulatedSite.set_unmetered_kw` change them while
+the site runs (the control channel calls them), each logged.
+
 A ``dlt645`` line is served by a :class:`~lmt.firmware_sim.dlt645.Dlt645Line` on its own
-pseudo-terminal: its meters answer on their 12-digit ``address``, measure the whole site (the
-same :class:`~lmt.firmware_sim.physics.SitePhysics` quantities as the main meter), draw their
+pseudo-terminal: its meters answer on their 12-digit ``address``, each with its own view of the
+model (as a Modbus meter's), draw their
 faults from the same per-device injectors as the Modbus devices (``set_faults`` and the control
 channel reach them) and report a relay that opens or closes (a 1C trip or close) to
 :meth:`SimulatedSite.add_meter_relay_listener`. Opening a meter's relay does not change the
@@ -668,6 +675,7 @@ class SimulatedSite:
         from now; a reversed CT or a shunt that starts counts its DL/T 645 event)."""
         self._meter_device(device_name)
         self.physics.set_tamper(device_name, tamper, self.clock())
+        _log.info("%s tamper -> %s", device_name, describe_tamper(tamper))
 
     def tamper(self, device_name: str) -> Tamper:
         """The signatures a meter currently shows."""
@@ -683,7 +691,9 @@ class SimulatedSite:
         point = f"event_{key}_count"
         if not self._profile(d.profile).has_point(point):
             raise ValueError(f"{device_name!r} (profile {d.profile!r}) has no point {point}")
-        return self.physics.count_event(device_name, key)
+        count = self.physics.count_event(device_name, key)
+        _log.info("%s event %s -> %d", device_name, key, count)
+        return count
 
     def events(self, device_name: str) -> dict[str, int]:
         """A meter's event counters."""
@@ -694,11 +704,14 @@ class SimulatedSite:
         """A one-off step of a meter's import register by ``kwh`` (negative: back), now;
         returns the new reading."""
         self._meter_device(device_name)
-        return self.physics.jump_register(device_name, kwh, self.clock())
+        reading = self.physics.jump_register(device_name, kwh, self.clock())
+        _log.info("%s import register %+.2f kWh -> %.2f kWh", device_name, kwh, reading)
+        return reading
 
     def set_unmetered_kw(self, kw: float) -> None:
         """Change the load between the main meter and the sub-meters, from now on."""
         self.physics.set_unmetered_kw(kw, self.clock())
+        _log.info("unmetered load -> %.1f kW", kw)
 
     # -- the request path shared by TCP and RTU --------------------------------------------------
 
@@ -907,6 +920,18 @@ async def run_site(path: Path | str, port_override: int | None = None,
         await _run_site(path, port_override, ready_file, control_port)
 
 
+def describe_tamper(tamper: Tamper) -> str:
+    """``ct_shunt l2 (2 % seen), ct_reversed l3, registers stopped``, or ``none``."""
+    parts = []
+    if tamper.ct_shunt is not None:
+        parts.append(f"ct_shunt {tamper.ct_shunt.phase} ({tamper.ct_shunt.seen:.0%} seen)")
+    if tamper.ct_reversed is not None:
+        parts.append(f"ct_reversed {tamper.ct_reversed}")
+    if tamper.registers != "counting":
+        parts.append(f"registers {tamper.registers}")
+    return ", ".join(parts) or "none"
+
+
 def _describe(devices: Iterable[_Device]) -> str:
     return ", ".join(f"{d.name} (id {d.device_id}, {d.profile.id})" for d in devices) or "no devices"
 
@@ -952,6 +977,11 @@ async def _run_site(path: Path | str, port_override: int | None, ready_file: Pat
         for ln in config.lines:
             if ln.protocol == "dlt645" and ln.name not in site.dlt645_lines:
                 _log.info("lmt sim: line %s (dlt645) has no meters: not opened", ln.name)
+        for d in config.devices:
+            if d.tamper != Tamper():
+                _log.info("lmt sim: %s tamper: %s", d.name, describe_tamper(d.tamper))
+        if config.site.unmetered_kw:
+            _log.info("lmt sim: unmetered load %.1f kW", config.site.unmetered_kw)
         bound_control = await control.start() if control is not None else None
         if bound_control is not None:
             _log.info("lmt sim: control channel on 127.0.0.1:%d", bound_control)
