@@ -12,7 +12,10 @@ stepped through a simulated day.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import subprocess
+import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +38,7 @@ from lmt.drivers.modbus import ModbusDevice, ModbusTcpBus
 from lmt.drivers.serial_line import SerialLine, dlt645_silence_s
 from lmt.firmware_sim import ControlServer, SimulatedSite, SitePhysics
 from lmt.firmware_sim.control import request_async
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, SiteThread, lmt_argv
 
 T0 = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC
 PHASES = ("l1", "l2", "l3")
@@ -162,6 +165,28 @@ def test_the_shipped_examples_are_clean() -> None:
         assert site.site.unmetered_kw == 0.0
         for d in site.devices:
             assert (d.metering, d.tamper, d.events) == (WHOLE_SITE, Tamper(), Events()), d.name
+
+
+def test_the_field_examples_commented_sub_meters_split_the_site() -> None:
+    """Uncommented, the field example's [devices.metering] tables (and [site] unmetered_kw)
+    make a valid site whose sub-meters and unmetered load add up to the main meter."""
+    text = (EXAMPLES / "field-site.toml").read_text()
+    keys = r"\[devices\.(?:metering|tamper|events)\]|loads =|base_share =|ev =|ct_\w+ =|" \
+           r"registers =|cover_open =|unmetered_kw ="
+    config = SiteConfig.model_validate(
+        tomllib.loads(re.sub(rf"^# ({keys})", r"\1", text, flags=re.MULTILINE)))
+    subs = [d.name for d in config.devices if d.metering != WHOLE_SITE]
+    assert subs == ["workshop-meter", "meter-a", "meter-b"]
+    scopes = [config.devices[[d.name for d in config.devices].index(n)].metering for n in subs]
+    assert sum(m.base_share for m in scopes) == pytest.approx(1.0)
+    assert sorted(load for m in scopes for load in m.loads) == sorted(
+        load.name for load in config.loads)
+    phys = SitePhysics(config.model_copy(update={"devices": [
+        d.model_copy(update={"tamper": Tamper()}) for d in config.devices]}))
+    main = phys.power_kw(T0, "main-meter")
+    assert main == pytest.approx(sum(phys.power_kw(T0, n) for n in subs)
+                                 + config.site.unmetered_kw, rel=1e-12)
+    assert max(phys.power_kw(T0, n) for n in ("meter-a", "meter-b")) < 79.9999  # in XX.XXXX
 
 
 def test_a_clean_site_shows_none_of_the_signatures() -> None:
@@ -413,6 +438,20 @@ def test_a_signature_in_the_site_file_shows_from_the_start() -> None:
         await integrate(rig, "sub-a", 600)
         assert await rig.read("sub-a", ["import_energy_kwh"]) == a0
     with_rig(body, config)
+
+
+def test_lmt_read_reads_the_event_counters() -> None:
+    config = site_config(utility={"events": {"cover_open": 7}, "tamper": {"ct_reversed": "l2"}})
+    with SiteThread(config, wire_time=False) as running:
+        res = subprocess.run(lmt_argv("read", "--dlt645", running.paths["mains"], "--baud",
+                                      str(BAUD), "--address", ADDRESS, "--json",
+                                      "event_cover_open_count", "event_reverse_flow_l2_count",
+                                      "event_magnetic_field_count", "power_l2_kw"),
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    values = json.loads(res.stdout)["values"]
+    assert values["event_cover_open_count"] == 7 and values["event_reverse_flow_l2_count"] == 1
+    assert values["event_magnetic_field_count"] == 0 and values["power_l2_kw"] < 0
 
 
 # -- the control channel and the site file: strict ------------------------------------------------
