@@ -517,7 +517,8 @@ class Dlt645Line:
 
     def _values(self, m: _Meter) -> dict[str, float]:
         q = dict(m.quantities(self.clock()))
-        if "reactive_power_kvar" not in q and "power_w" in q:
+        if "reactive_power_kvar" not in q and "reactive_power_var" not in q and "power_w" in q:
+            # a hand-made sample without reactive power: derived from the total power factor
             pf = q.get("power_factor", 1.0)
             tan = math.sqrt(max(0.0, 1.0 - pf * pf)) / pf if pf else 0.0
             q["reactive_power_kvar"] = q["power_w"] * tan / 1000.0

@@ -343,6 +343,10 @@ def test_a_reversed_ct_reads_negative_and_counts_a_reverse_flow_event() -> None:
         assert u["power_kw"] == pytest.approx(
             (true["power_l1_w"] + true["power_l2_w"] - true["power_l3_w"]) / 1000, abs=2e-4)
         assert u["power_factor"] < 0.95 * 0.5
+        # reactive power reversed with it: the total is the algebraic sum too
+        assert u["reactive_power_kvar"] == pytest.approx(
+            rig.truth("utility")["reactive_power_var"] / 1000, abs=2e-4)
+        assert u["reactive_power_kvar"] < 0.5 * true["reactive_power_var"] / 1000
         assert u["event_reverse_flow_l3_count"] == 1
         assert u["event_reverse_flow_l1_count"] == u["event_reverse_flow_l2_count"] == 0
         # the import register counts the algebraic sum; the total never went negative: no export
