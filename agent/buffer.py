@@ -32,7 +32,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-STREAMS = ("results", "events", "telemetry")
+STREAMS = ("results", "events", "bills", "intervals", "telemetry")  # in the sync's order
 
 log = logging.getLogger("lmt.agent.buffer")
 

@@ -37,6 +37,7 @@ from .commands import BUDGET_SHARE, Intake
 from .degraded import RETRY_S, start_degraded, take_up
 from .derive import load_state, supervisor_config
 from .devices import build_devices
+from .ledger import LedgerRunner
 from .messages import Status, validate_body
 from .mqtt import MqttLink, Topics
 from .outbox import Outbox
@@ -48,7 +49,8 @@ from .sync import Syncer
 log = logging.getLogger("lmt.agent")
 
 SAVE_EVERY_S = 60.0  # the state's volatile parts (the clock, the baseline) are saved this often
-_WARN = {"load_unresponsive", "cap_unmet", "control_fault", "switch_failed", "commands_dropped"}
+_WARN = {"load_unresponsive", "cap_unmet", "control_fault", "switch_failed", "commands_dropped",
+         "ledger_fault"}
 
 
 class AgentFailed(RuntimeError):
@@ -85,6 +87,10 @@ class Agent:
         self.intake = Intake(cfg.security, public_key, self.terminal, self.store, self.append,
                              clock, budget_s=BUDGET_SHARE * cfg.poll.interval_s, mono=mono)
         self.control = supervisor_config(cfg)
+        self.ledger = LedgerRunner(cfg, {n: d.profile for n, d in self.devices.items()},
+                                   self.file, self.outbox, self.store, str(self.session),
+                                   self.append) if cfg.ledger_meters() else None
+        self._ledger_failed: str | None = None
         self.state: SupervisorState = load_state(self.store, self.control, clock())
         main = self.devices[cfg.control.main_meter].profile
         self._energy_point = cfg.modes.energy_point if main.has_point(cfg.modes.energy_point) \
@@ -185,7 +191,8 @@ class Agent:
                          if ld.device in result.fresh and ld.device in p.read_started else None
                          for ld in cfg.loads],
             requests=requests, optouts=optouts,
-            contact=self.link is not None and self.link.connected, stopping=stopping)
+            contact=self.link is not None and self.link.connected, stopping=stopping,
+            spent_yuan=None if self.ledger is None else self.ledger.spent_yuan)
 
     async def control_cycle(self, result: PollResult, requests: Sequence[Request],
                             stopping: bool = False) -> None:
@@ -208,6 +215,31 @@ class Agent:
         state, records = supervisor.outcome(self.control, state, done, self.clock())
         self.commit(state, records)
 
+    def ledger_cycle(self) -> None:
+        """The cycle's readings into the ledger. A failure there (a bug) is logged and
+        reported once; polling, control and the sync go on."""
+        if self.ledger is None:
+            return
+        try:
+            modes = self.state.report.get("modes") or {}
+            balance = None if modes.get("purchase_left_kwh") is None and \
+                modes.get("month_used_kwh") is None else {
+                    "unit": modes.get("purchase_unit", "kwh"),
+                    "left": _round(modes.get("purchase_left_kwh"), 2),
+                    "month_used_kwh": _round(modes.get("month_used_kwh"), 3),
+                    "spent_yuan": _round(self.ledger.spent_yuan, 2)}
+            self.ledger.on_cycle(self.poller.latest, self.clock(), self.mono(), balance)
+            self._ledger_failed = None
+        except Exception as exc:
+            what = f"{type(exc).__name__}: {exc}"
+            if what != self._ledger_failed:
+                log.exception("ledger failed; control goes on")
+                self._ledger_failed = what
+                self.append("events", [validate_body("events", {
+                    "ts": self.clock(), "type": "ledger_fault",
+                    "data": {"detail": f"the ledger failed ({what}); readings and control go "
+                                       "on, intervals wait"}})])
+
     async def cycle_loop(self, stop: asyncio.Event) -> None:
         interval = self.cfg.poll.interval_s
         next_at = self.mono()
@@ -219,8 +251,12 @@ class Agent:
             if requests:  # control needs the site's power now
                 self.poller.force(main, point)
             self.poller.urgent = supervisor.controlling(self.state)
+            if self.ledger is not None:  # an interval ended: its registers now, not in a minute
+                for device, points in self.ledger.energy_points().items():
+                    self.poller.read_soon(device, points)
             result = await self.poller.poll(started + interval)
             await self.control_cycle(result, requests)
+            self.ledger_cycle()
             self._housekeeping()
             next_at = max(next_at + interval, self.mono())
             if await self._wait(next_at, stop):  # a command: a cycle now, the next one after it
@@ -256,6 +292,8 @@ class Agent:
             if got is not None:  # the disk has room again: the buffer file takes over
                 self.file, self.outbox = got
                 self.store = self.intake.store = StateStore(self.file)
+                if self.ledger is not None:
+                    self.ledger.bind(self.file, self.outbox, self.store)
                 self._saved = None
                 if self.syncer is not None:
                     self.syncer.buffer = self.outbox
@@ -365,6 +403,8 @@ class Agent:
                 for r in left])
             # no load stays off: the supervisor releases what it holds, the command fails
             await self.control_cycle(PollResult(), (), stopping=True)
+            if self.ledger is not None:
+                self.ledger.save(self.clock(), self.mono())
             self.poller.flush()
             sync_stop.set()
             self.sync_wake.set()
@@ -383,6 +423,10 @@ class Agent:
             log.info("terminal %s stopped", self.terminal)
         if failed:
             raise AgentFailed(f"the sync task failed: {type(failed[0]).__name__}: {failed[0]}")
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 def _log_record(r: supervisor.Record) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .buffer import _SEED_TABLES, STREAMS, BufferError, BufferFile
+from .ledger import LEDGER_DDL, LEDGER_TABLES
 from .messages import event_body
 from .outbox import Outbox
 
@@ -109,4 +110,12 @@ def _move(memory: BufferFile, mem_out: Outbox, file: BufferFile, out: Outbox) ->
             continue  # an older agent's table the file no longer has: nothing to keep
         marks = ", ".join("?" * len(rows[0]))
         db.conn.executemany(f'INSERT OR REPLACE INTO "{table}" VALUES ({marks})', rows)
+    for table in LEDGER_TABLES:  # what the ledger kept while in memory
+        if memory.has_table(table):
+            rows = mdb.execute(f'SELECT * FROM "{table}"').fetchall()
+            if rows:
+                for ddl in LEDGER_DDL:
+                    db.execute(ddl)
+                marks = ", ".join("?" * len(rows[0]))
+                db.conn.executemany(f'INSERT OR REPLACE INTO "{table}" VALUES ({marks})', rows)
     return {"flushed": flushed, "dropped": dropped}

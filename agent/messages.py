@@ -84,12 +84,114 @@ class ReadingBody(_Body):
         description="point values in the units their names say; null = not a number (invalid)")
 
 
+Phase = Literal["l1", "l2", "l3"]
+Quality = Literal["clock_step", "register_reset", "register_rollover", "gap", "estimated",
+                  "complete"]
+EnergySource = Literal["register", "integrated", "none"]
+
+
+class PhaseStats(_Body):
+    min: float
+    mean: float
+    max: float
+
+
+class MonthDemand(_Body):
+    kw: float = Field(description="the month's maximum demand so far: the highest mean power "
+                                  "over a demand window")
+    at: float | None = Field(description="unix time (s) that window ended")
+    month: str = Field(description="the local month, YYYY-MM")
+    mode: Literal["block", "sliding"]
+    minutes: int = Field(description="the demand window")
+
+
+class PricedPiece(_Body):
+    period: str = Field(description="the tariff period: critical, peak, flat, valley, "
+                                    "deep_valley")
+    kwh: float
+    price: float = Field(description="yuan per kWh")
+    cost: float = Field(description="yuan")
+
+
+class IntervalBody(_Body):
+    """An interval record (stream ``intervals``): see docs/ledger.md."""
+
+    ts: float = Field(description="unix time (s) the interval ended (= end)")
+    kind: Literal["meter"] = "meter"
+    meter: str
+    start: float = Field(description="unix time (s), on a wall-clock boundary")
+    end: float
+    minutes: Literal[1, 5, 15, 30, 60]
+    import_kwh: float | None = Field(description="the import register's difference across the "
+                                                 "interval; null when not known")
+    export_kwh: float | None
+    source: dict[Literal["import", "export"], EnergySource] = Field(
+        description="register: from the register; integrated: from the power readings "
+                    "(estimated); none: not known")
+    mean_kw: float | None = Field(description="import_kwh over the interval's hours")
+    max_kw: float | None = Field(description="the highest one-minute mean power within it")
+    voltage_v: dict[Phase, PhaseStats] | None
+    current_a: dict[Phase, PhaseStats] | None
+    power_factor: float | None
+    coverage: float = Field(ge=0, le=1, description="the share of the interval with readings")
+    readings: int = Field(ge=0)
+    quality: Quality = Field(description="the worst of flags; complete when none")
+    flags: list[Quality]
+    month_max_demand: MonthDemand | None
+    tariff: str | None = Field(default=None, description="the tariff id that priced it")
+    period: str | None = Field(default=None, description="its tariff period (mixed: see pieces)")
+    pieces: list[PricedPiece] = Field(default_factory=list)
+    cost: float | None = Field(default=None, description="yuan: the energy cost of import_kwh")
+    kgco2: float | None = Field(default=None, description="kg CO2 of import_kwh")
+    export_kgco2: float | None = Field(default=None, description="kg CO2 of export_kwh, "
+                                                                 "reported separately")
+    factor: str | None = Field(default=None, description="the emission factor used (its id)")
+    balance: dict[str, Any] | None = Field(default=None,
+                                           description="prepaid balance (the billing meter)")
+
+
+class LossBody(_Body):
+    """A loss group's interval (stream ``intervals``, ``kind: "loss"``): main − Σ sub."""
+
+    ts: float
+    kind: Literal["loss"]
+    group: str
+    start: float
+    end: float
+    main: str
+    main_kwh: float | None
+    subs: dict[str, float | None]
+    sub_kwh: float | None
+    loss_kwh: float | None = Field(description="main_kwh − sub_kwh")
+    loss_pct: float | None = Field(description="loss_kwh in % of main_kwh")
+    status: Literal["over", "within", "low_load", "missing"]
+    exceeded: bool | None = Field(description="null: not judged (low load, a member missing)")
+    missing: dict[str, str] = Field(description="the members not judged, and why")
+    intervals_over: int
+    intervals_under: int
+    active: bool = Field(description="the group's loss alarm is on after this interval")
+
+
+class BillBody(_Body):
+    """A bill (stream ``bills``): a day's or a month's, so far or final; see docs/ledger.md."""
+
+    ts: float
+    meter: str
+    kind: Literal["day", "month"]
+    label: str = Field(description="the local day (YYYY-MM-DD) or month (YYYY-MM)")
+    final: bool = Field(description="true once the day or month has ended")
+    bill: dict[str, Any]
+
+
 EventType = Literal[
     "agent_started",
     "device_offline", "device_online", "points_failed", "points_recovered",
     "control_started", "control_ended", "control_record",
     "load_shed", "load_restored", "load_adjusted", "switch_failed", "load_unresponsive",
-    "cap_unmet", "control_fault",
+    "cap_unmet", "control_fault", "ledger_fault",
+    # the energy ledger (docs/ledger.md)
+    "balance_low", "loss_exceeded", "loss_cleared", "theft_indicator", "theft_indicator_cleared",
+    "tariff_changed", "carbon_curve_changed",
     "optout_ignored", "commands_dropped",
     "telemetry_dropped", "buffer_full", "buffer_unwritable", "buffer_writable",
     # terminal control modes: mode_<kind> for kind in lmt.control.modes.KINDS, and the record
@@ -154,10 +256,14 @@ def event_body(type_: EventType, ts: float, data: dict[str, Any] | None = None
     return body
 
 
+_BODIES: dict[str, type[_Body]] = {"events": EventBody, "results": ResultBody,
+                                   "intervals": IntervalBody, "bills": BillBody}
+
+
 def validate_body(stream: str, body: dict[str, Any]) -> dict[str, Any]:
-    """An events or results record body built elsewhere (the control supervisor's records),
-    checked against its model; returned as it is."""
-    model = EventBody if stream == "events" else ResultBody
+    """A record body built elsewhere (the control supervisor's, the ledger's), checked against
+    its stream's model; returned as it is."""
+    model = LossBody if stream == "intervals" and body.get("kind") == "loss" else _BODIES[stream]
     model.model_validate(body, strict=True)
     return body
 
@@ -197,6 +303,37 @@ class ResultBatch(_Msg):
     stream: Literal["results"] = "results"
     historical: bool
     records: list[Result] = Field(min_length=1)
+
+
+class Interval(IntervalBody, _Seq):
+    seq: int = Field(ge=1, description="intervals stream sequence number")
+
+
+class LossInterval(LossBody, _Seq):
+    seq: int = Field(ge=1, description="intervals stream sequence number")
+
+
+class Bill(BillBody, _Seq):
+    seq: int = Field(ge=1, description="bills stream sequence number")
+
+
+class IntervalBatch(_Msg):
+    """``<prefix>/<terminal>/intervals``"""
+
+    terminal: TerminalId
+    stream: Literal["intervals"] = "intervals"
+    historical: bool
+    records: list[Annotated[Interval | LossInterval, Field(discriminator="kind")]] = Field(
+        min_length=1)
+
+
+class BillBatch(_Msg):
+    """``<prefix>/<terminal>/bills``"""
+
+    terminal: TerminalId
+    stream: Literal["bills"] = "bills"
+    historical: bool
+    records: list[Bill] = Field(min_length=1)
 
 
 # -- platform -> terminal ------------------------------------------------------------------
@@ -370,6 +507,8 @@ SCHEMA_MODELS: dict[str, Any] = {  # a model class or an annotated type, e.g. Co
     "telemetry": TelemetryBatch,
     "events": EventBatch,
     "result": ResultBatch,
+    "intervals": IntervalBatch,
+    "bills": BillBatch,
     "cmd": SignedCommand,
     "command-body": Command,
 }

@@ -54,10 +54,13 @@ class Topics:
         self.telemetry = f"{self.base}/telemetry"
         self.events = f"{self.base}/events"
         self.result = f"{self.base}/result"
+        self.intervals = f"{self.base}/intervals"
+        self.bills = f"{self.base}/bills"
         self.cmd = f"{self.base}/cmd"
 
     def for_stream(self, stream: str) -> str:
-        return {"telemetry": self.telemetry, "events": self.events, "results": self.result}[stream]
+        return {"telemetry": self.telemetry, "events": self.events, "results": self.result,
+                "intervals": self.intervals, "bills": self.bills}[stream]
 
 
 def backoff_delay(failures: int, min_s: float, max_s: float, rng: random.Random) -> float:

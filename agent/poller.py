@@ -116,6 +116,14 @@ class Poller:
         self.health[device].next_attempt = self.mono()
         self.last_read[device].pop(point, None)
 
+    def read_soon(self, device: str, points: tuple[str, ...]) -> None:
+        """Read these (slow) points of ``device`` when it is next polled, whatever their age
+        (its health and back-off are left alone)."""
+        last = self.last_read.get(device)
+        if last is not None:
+            for point in points:
+                last.pop(point, None)
+
     # -- one cycle -------------------------------------------------------------------------
     async def poll(self, deadline_mono: float) -> PollResult:
         """Read every device that is due; wait for the transports until ``deadline_mono``. A

@@ -6,6 +6,10 @@ What it keeps (table ``state``: key -> JSON text, and two tables of its own):
   .SupervisorState`): the active command, the loads held off and by whom, DR events, the
   terminal control modes' parameters and state, pending two-minute records. Saved before
   every cycle's actions are carried out (persist, then actuate);
+- ``ledger``: the energy ledger's state (:class:`lmt.analytics.ledger.LedgerState`): each
+  ledger meter's open and unfinished intervals, registers, demand window and month maximum,
+  bills so far, detectors; saved with every interval written and at least once a minute
+  (:mod:`lmt.agent.ledger`);
 - the command ids already seen (table ``seen_commands``): a replayed command is refused, also
   after a restart;
 - the customer's opt-out requests (table ``optout_requests``), queued by ``lmt optout``.
@@ -23,7 +27,7 @@ from typing import Any, Literal
 
 from .buffer import BufferFile
 
-StateKey = Literal["supervisor"]
+StateKey = Literal["supervisor", "ledger"]
 
 
 def dumps(value: Any) -> str:

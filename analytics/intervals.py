@@ -479,8 +479,8 @@ def _record(cfg: IntervalConfig, spec: MeterSpec, st: MeterLedger, acc: Acc) -> 
         return got or None
 
     body: dict[str, Any] = {
-        "ts": acc.start + secs, "meter": spec.name, "start": acc.start, "end": acc.start + secs,
-        "minutes": cfg.minutes,
+        "ts": acc.start + secs, "kind": "meter", "meter": spec.name, "start": acc.start,
+        "end": acc.start + secs, "minutes": cfg.minutes,
         "import_kwh": None if imp is None else round(imp, 6),
         "export_kwh": None if exp is None else round(exp, 6),
         "source": {"import": acc.src_imp, "export": acc.src_exp},

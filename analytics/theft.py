@@ -854,10 +854,15 @@ def _counters(ms: MeterTheftState, meter: str, t: float, counters: Mapping[str, 
             continue  # the baseline
         before, before_t = seen
         if value > before:
-            label = _COUNTER_LABEL.get(name, name.replace("_", " "))
-            erc = COUNTER_ERC.get(name)
+            # a per-phase count (reverse_flow_l2) is its kind's, on that phase
+            kind, _, phase = name.rpartition("_")
+            if not (phase in PHASES and kind):
+                kind, phase = name, ""
+            label = _COUNTER_LABEL.get(kind, kind.replace("_", " ")) + \
+                (f" on {phase}" if phase else "")
+            erc = COUNTER_ERC.get(kind)
             out.append({"type": "theft_indicator", "data": {
-                "meter": meter, "indicator": "meter_event", "phase": None, "erc": erc,
+                "meter": meter, "indicator": "meter_event", "phase": phase or None, "erc": erc,
                 "since": t,
                 "readings": {"counter": name, "before": before, "after": value,
                              "increase": value - before, "previous_read_t": before_t},

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .errors import load_toml
-from .profiles import Table, load_profile
+from .profiles import Profile, Table, load_profile
 
 NAME = r"^[a-z0-9][a-z0-9_-]*$"
 
@@ -422,6 +422,92 @@ class Modes(_Strict):
                                           "its profile has no such point")
 
 
+IntervalMinutes = Literal[1, 5, 15, 30, 60]
+
+
+class Carbon(_Strict):
+    """Which grid emission factor the ledger's kgCO2 use (lmt.config.ledger_data's
+    emission_factors.toml: MEE/NBS factors by data year, scope and region)."""
+
+    year: int = Field(default=2022, ge=2000, le=2100,
+                      description="data year (the latest published year not after it is used)")
+    scope: str = Field(default="national", description="national, regional or provincial (or a "
+                                                       "national variant of the factor file)")
+    region: str = Field(default="CN", description="the region or province of the factor file, "
+                                                  "e.g. CN, east, jiangsu")
+    factors_file: Path | None = Field(default=None, description="a factor file of your own "
+                                                                "instead of the shipped one")
+    _path = field_validator("factors_file")(_resolve)
+
+
+class LossGroup(_Strict):
+    """A main meter against its sub-meters (or a transformer's two sides): Q/GDW 1376.1 ERC22."""
+
+    name: str = Field(pattern=NAME)
+    main: str = Field(description="device name of the main meter")
+    subs: list[str] = Field(min_length=1, description="device names of the sub-meters")
+    method: Literal["relative", "absolute"] = Field(
+        default="relative", description="relative: the loss in % of the main meter against "
+                                        "relative_limit_pct (guarded by min_main_kwh); "
+                                        "absolute: the loss in kWh against absolute_limit_kwh")
+    relative_limit_pct: float = Field(default=5.0, gt=0, le=100)
+    absolute_limit_kwh: float = Field(default=1.0, ge=0)
+    min_main_kwh: float = Field(default=1.0, ge=0,
+                                description="below this main-meter energy in an interval the "
+                                            "relative limit is not applied (low-load guard)")
+    raise_after: int = Field(default=2, ge=1, description="intervals over the limit to raise")
+    clear_after: int = Field(default=2, ge=1, description="intervals under the limit to clear")
+
+
+class Theft(_Strict):
+    """Theft and tamper indicators (docs/theft.md): site facts and per-detector overrides."""
+
+    enabled: bool = True
+    nominal_voltage_v: float = Field(default=230.0, gt=0)
+    base_current_a: float = Field(default=5.0, gt=0, description="the meters' base current Ib")
+    generation: bool = Field(default=False, description="the site has registered generation "
+                                                        "(PV): reverse power is no indicator")
+    rated_max_kw: float | None = Field(default=None, gt=0,
+                                       description="the most the site can draw: a register "
+                                                   "running faster is an indicator")
+    detectors: dict[str, dict[str, float | bool]] = Field(
+        default_factory=dict, description="per detector, settings that replace its defaults, "
+                                          "e.g. {ct_bypass = {delay_s = 120}}")
+
+
+class Ledger(_Strict):
+    """The energy ledger (docs/ledger.md): intervals, bills, balance, carbon, losses, theft."""
+
+    enabled: bool = True
+    meters: list[str] | None = Field(default=None,
+                                     description="devices whose intervals are kept (and kept "
+                                                 "keep_days); default: the main meter")
+    interval_minutes: IntervalMinutes = 15
+    demand_minutes: IntervalMinutes = 15
+    demand_mode: Literal["block", "sliding"] = "block"
+    keep_days: int = Field(default=400, ge=1, description="interval records kept on site")
+    register_wait_s: float = Field(default=900.0, gt=0,
+                                   description="a boundary with no register reading this long "
+                                               "after it is estimated from the power")
+    tariff: str | None = Field(default=None,
+                               description="a shipped tariff id (lmt.config.tariffs) or a TOML "
+                                           "file; none: intervals carry no cost")
+    holidays: str = Field(default="holidays-cn",
+                          description="a shipped holiday calendar id or a TOML file")
+    carbon: Carbon = Carbon()
+    loss_groups: list[LossGroup] = []
+    theft: Theft = Theft()
+
+    @field_validator("tariff", "holidays")
+    @classmethod
+    def _data_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """A ``.toml`` name is a file (relative to the configuration's folder); else an id."""
+        if v is None or not v.endswith(".toml"):
+            return v
+        p = _resolve(Path(v), info)
+        return str(p)
+
+
 class AgentConfig(_Strict):
     terminal: Terminal
     mqtt: Mqtt = Mqtt()
@@ -435,6 +521,7 @@ class AgentConfig(_Strict):
     loads: list[Load] = []
     dr: Dr = Dr()
     modes: Modes = Modes()
+    ledger: Ledger = Ledger()
 
     @model_validator(mode="after")
     def _check_refs(self) -> AgentConfig:
@@ -502,7 +589,39 @@ class AgentConfig(_Strict):
                 raise ValueError(f"loads[{i}].point: {load.device}.{load.point} already "
                                  "switches another load")
             seen_points.add((load.device, load.point))
+        self._check_ledger(profiles)
         return self
+
+    def _check_ledger(self, profiles: dict[str, Profile]) -> None:
+        lg = self.ledger
+        for i, name in enumerate(lg.meters or []):
+            if name not in profiles:
+                raise ValueError(f"ledger.meters[{i}]: no device named {name!r}")
+            if profiles[name].kind != "meter":
+                raise ValueError(f"ledger.meters[{i}]: {name!r} ({profiles[name].id}) is not a "
+                                 "meter")
+        if lg.meters is not None and len(set(lg.meters)) != len(lg.meters):
+            raise ValueError("ledger.meters: a meter is named twice")
+        counted = set(self.ledger_meters())
+        seen: set[str] = set()
+        for i, g in enumerate(lg.loss_groups):
+            if g.name in seen:
+                raise ValueError(f"ledger.loss_groups[{i}].name: {g.name!r} is used twice")
+            seen.add(g.name)
+            for key, name in [("main", g.main), *((f"subs[{j}]", s) for j, s in enumerate(g.subs))]:
+                if name not in counted:
+                    raise ValueError(f"ledger.loss_groups[{i}].{key}: {name!r} is not one of "
+                                     f"the ledger's meters ({', '.join(sorted(counted))})")
+            if g.main in g.subs or len(set(g.subs)) != len(g.subs):
+                raise ValueError(f"ledger.loss_groups[{i}].subs: each meter once, the main "
+                                 "meter not among them")
+
+    def ledger_meters(self) -> list[str]:
+        """The devices the ledger keeps intervals of."""
+        if not self.ledger.enabled:
+            return []
+        return list(self.ledger.meters) if self.ledger.meters is not None \
+            else [self.control.main_meter]
 
     def device(self, name: str) -> Device:
         return next(d for d in self.devices if d.name == name)

@@ -320,9 +320,13 @@ class MonthlyParams(Json):
 @dataclass(frozen=True)
 class PurchaseParams(Json):
     """Purchased-energy (prepaid) control (购电控). The latest order: ``order_no`` (> the last
-    applied one, else ignored; 0 = none yet), ``append`` (True: add ``amount_kwh`` to what is
-    left; False: refresh, what is left becomes ``amount_kwh``). Alarm when what is left ≤
-    ``alarm_kwh``; staged trips (one round per interval) while it is ≤ ``trip_kwh``."""
+    applied one, else ignored; 0 = none yet), ``append`` (True: add the amount to what is
+    left; False: refresh, what is left becomes the amount). ``unit``: ``"kwh"`` — the order
+    is energy (``amount_kwh``, ``alarm_kwh``, ``trip_kwh``), counted down by the main meter's
+    import register; ``"yuan"`` — money (``amount_yuan``, ``alarm_yuan``, ``trip_yuan``),
+    counted down by what that energy costs under the tariff (the ledger's running cost).
+    Alarm when what is left ≤ the alarm threshold; staged trips (one round per interval)
+    while it is ≤ the trip threshold."""
 
     enabled: bool = False
     order_no: int = 0
@@ -330,16 +334,36 @@ class PurchaseParams(Json):
     amount_kwh: float = 0.0
     alarm_kwh: float = 0.0
     trip_kwh: float = 0.0
+    unit: str = "kwh"
+    amount_yuan: float = 0.0
+    alarm_yuan: float = 0.0
+    trip_yuan: float = 0.0
 
     def __post_init__(self) -> None:
         w = "PurchaseParams"
         _int_in(f"{w}.order_no", self.order_no, 0, 2**53)
-        _num_in(f"{w}.amount_kwh", self.amount_kwh, 0.0)
-        _num_in(f"{w}.alarm_kwh", self.alarm_kwh)
-        _num_in(f"{w}.trip_kwh", self.trip_kwh)
-        if self.alarm_kwh < self.trip_kwh:
-            _fail(f"{w}: alarm threshold {self.alarm_kwh:g} kWh is below the trip threshold"
-                  f" {self.trip_kwh:g} kWh")
+        if self.unit not in ("kwh", "yuan"):
+            _fail(f"{w}.unit: expected \"kwh\" or \"yuan\", got {self.unit!r}")
+        for u in ("kwh", "yuan"):
+            _num_in(f"{w}.amount_{u}", getattr(self, f"amount_{u}"), 0.0)
+            _num_in(f"{w}.alarm_{u}", getattr(self, f"alarm_{u}"))
+            _num_in(f"{w}.trip_{u}", getattr(self, f"trip_{u}"))
+        if self.alarm < self.trip:
+            unit = "kWh" if self.unit == "kwh" else "yuan"
+            _fail(f"{w}: alarm threshold {self.alarm:g} {unit} is below the trip "
+                  f"threshold {self.trip:g} {unit}")
+
+    @property
+    def amount(self) -> float:
+        return self.amount_yuan if self.unit == "yuan" else self.amount_kwh
+
+    @property
+    def alarm(self) -> float:
+        return self.alarm_yuan if self.unit == "yuan" else self.alarm_kwh
+
+    @property
+    def trip(self) -> float:
+        return self.trip_yuan if self.unit == "yuan" else self.trip_kwh
 
 
 @dataclass(frozen=True)
@@ -413,7 +437,9 @@ class CycleInputs:
     this cycle, None (or not finite) = no fresh reading. ``import_kwh``: the main meter's
     cumulative import register (None = not read). ``since_contact_s``: seconds since the
     platform was last heard from (None = unknown). ``rounds``: the rounds present, each with
-    its total sheddable kW (None = unknown)."""
+    its total sheddable kW (None = unknown). ``spent_yuan``: what the main meter's import has
+    cost so far, a running total that only grows (the energy ledger's; None = no tariff):
+    a purchase order in money counts down with it."""
 
     now_s: float
     local_date: date
@@ -422,6 +448,7 @@ class CycleInputs:
     import_kwh: float | None = None
     since_contact_s: float | None = 0.0
     rounds: Mapping[int, float | None] = field(default_factory=dict)
+    spent_yuan: float | None = None
 
     def __post_init__(self) -> None:
         _num_in("CycleInputs.now_s", self.now_s)
@@ -432,6 +459,8 @@ class CycleInputs:
                 _num_in(f"CycleInputs.rounds[{r}] kW", kw, 0.0)
         if self.import_kwh is not None:
             _num_in("CycleInputs.import_kwh", self.import_kwh)
+        if self.spent_yuan is not None:
+            _num_in("CycleInputs.spent_yuan", self.spent_yuan)
         if self.since_contact_s is not None:
             _num_in("CycleInputs.since_contact_s", self.since_contact_s, 0.0)
 
@@ -482,7 +511,8 @@ class CycleOutputs:
     excluded: bool
     energy_alarms: tuple[str, ...]  # "monthly" / "purchase" while their alarm is on
     month_used_kwh: float | None
-    purchase_left_kwh: float | None
+    purchase_left_kwh: float | None  # what is left of the order, in purchase_unit
+    purchase_unit: str = "kwh"
 
     @property
     def tripped(self) -> tuple[int, ...]:
@@ -550,9 +580,10 @@ class ModeState(Json):
     month_start_kwh: float | None = None
     monthly: EnergyProgress = field(default_factory=EnergyProgress)
     order_no: int = 0
-    order_left_kwh: float | None = None
-    order_at_kwh: float | None = None
+    order_left_kwh: float | None = None  # left when the order was applied (in order_unit)
+    order_at_kwh: float | None = None  # the counter then: the import register, or spent_yuan
     order_refused: int = 0
+    order_unit: str = "kwh"
     purchase: EnergyProgress = field(default_factory=EnergyProgress)
     guarantee: str = "off"
 
@@ -938,8 +969,13 @@ class _Cycle:
         e, start = self.inp.import_kwh, self.st.month_start_kwh
         return None if e is None or start is None else e - start
 
+    def counter(self, unit: str) -> float | None:
+        """What an order in ``unit`` counts down with: the import register (kWh) or the
+        running cost (yuan)."""
+        return self.inp.spent_yuan if unit == "yuan" else self.inp.import_kwh
+
     def apply_order(self) -> None:
-        pp, st, e = self.p.purchase, self.st, self.inp.import_kwh
+        pp, st = self.p.purchase, self.st
         if pp.order_no in (0, st.order_no, st.order_refused):
             return
         if pp.order_no < st.order_no:  # a replayed or stale order never adds energy twice
@@ -947,19 +983,25 @@ class _Cycle:
             self.rec("ignored", "purchase", None,
                      f"purchase order {pp.order_no} is not newer than order {st.order_no}")
             return
+        e = self.counter(pp.unit)
         if e is None:
-            return  # applied once the meter is read
-        left = self.purchase_left()
+            return  # applied once the meter is read (or the tariff prices it)
+        unit = "元" if pp.unit == "yuan" else "kWh"
+        left = self.purchase_left() if st.order_unit == pp.unit else None
         if pp.append and left is not None:
-            new_left, how = left + pp.amount_kwh, f"appended {pp.amount_kwh:g} kWh to {left:.1f}"
+            new_left, how = left + pp.amount, f"appended {pp.amount:g} {unit} to {left:.2f}"
         else:
-            new_left, how = pp.amount_kwh, f"refreshed to {pp.amount_kwh:g} kWh"
+            new_left, how = pp.amount, f"refreshed to {pp.amount:g} {unit}"
         st.order_no, st.order_left_kwh, st.order_at_kwh = pp.order_no, new_left, e
+        st.order_unit = pp.unit
         self.released("purchase").clear()
-        self.rec("order", "purchase", None, f"purchase order {pp.order_no}: {how}, {new_left:.1f} kWh left")
+        self.rec("order", "purchase", None,
+                 f"purchase order {pp.order_no}: {how}, {new_left:.2f} {unit} left")
 
     def purchase_left(self) -> float | None:
-        st, e = self.st, self.inp.import_kwh
+        """What is left of the order (in its unit)."""
+        st = self.st
+        e = self.counter(st.order_unit)
         if st.order_left_kwh is None or st.order_at_kwh is None or e is None:
             return None
         return st.order_left_kwh - (e - st.order_at_kwh)
@@ -1023,9 +1065,10 @@ class _Cycle:
         left = self.purchase_left()
         alarm = over = None
         what = ""
-        if left is not None:
-            alarm, over = left <= pp.alarm_kwh, left <= pp.trip_kwh
-            what = f"{left:.1f} kWh left (alarm at {pp.alarm_kwh:g}, trip at {pp.trip_kwh:g})"
+        if left is not None and self.st.order_unit == pp.unit:
+            unit = "元" if pp.unit == "yuan" else "kWh"
+            alarm, over = left <= pp.alarm, left <= pp.trip
+            what = f"{left:.2f} {unit} left (alarm at {pp.alarm:g}, trip at {pp.trip:g})"
         self.energy_control("purchase", pp.enabled, alarm, over, what)
 
     # -- restore ----------------------------------------------------------------------------------
@@ -1108,6 +1151,7 @@ class _Cycle:
             energy_alarms=tuple(m for m in ENERGY_MODES if getattr(st, m).alarm),
             month_used_kwh=self.month_used(),
             purchase_left_kwh=self.purchase_left(),
+            purchase_unit=st.order_unit,
         )
 
 

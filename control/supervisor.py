@@ -297,6 +297,7 @@ class Inputs:
     site_kw: float | None = None
     recent_kw: float | None = None
     import_kwh: float | None = None
+    spent_yuan: float | None = None  # the ledger's running cost of the main meter's import
     loads: Sequence[float | bool | None] = ()
     loads_age_s: Sequence[float | None] = ()
     requests: Sequence[Request] = ()
@@ -969,6 +970,7 @@ class _Cycle:
         try:
             ci = modes.CycleInputs(now_s=self.now, local_date=day, minute_of_day=minute,
                                    site_kw=inp.site_kw, import_kwh=inp.import_kwh,
+                                   spent_yuan=_finite(inp.spent_yuan),
                                    since_contact_s=max(0.0, self.t - (
                                        self.t if st.contact_t is None else st.contact_t)),
                                    rounds=rounds)
@@ -983,11 +985,21 @@ class _Cycle:
             "power_mode": out.power_mode, "setpoint_kw": out.setpoint_kw,
             "measured_kw": out.measured_kw, "guarantee": out.guarantee,
             "excluded": out.excluded, "energy_alarms": list(out.energy_alarms),
-            "month_used_kwh": out.month_used_kwh, "purchase_left_kwh": out.purchase_left_kwh}
+            "month_used_kwh": out.month_used_kwh, "purchase_left_kwh": out.purchase_left_kwh,
+            "purchase_unit": out.purchase_unit}
         for d in out.decisions:
             data = {"round": d.round, "mode": d.mode, "reason": d.reason,
                     "power_kw": None if d.power_kw is None else round(d.power_kw, 3)}
             self.event(f"mode_{d.kind}", **data)
+            if d.kind == "alarm" and d.mode == "purchase":  # the prepaid balance is low
+                pp = st.mode_params.purchase
+                left = out.purchase_left_kwh
+                self.event("balance_low", unit=out.purchase_unit,
+                           left=None if left is None else round(left, 2),
+                           alarm=pp.alarm, trip=pp.trip, order_no=pp.order_no,
+                           month_used_kwh=None if out.month_used_kwh is None
+                           else round(out.month_used_kwh, 3),
+                           detail=d.reason)
             st.records.append({"due_at": self.now + cfg.record_after_s, "type": "mode_record",
                                "data": {"kind": d.kind, **data}})
         held = {cfg.loads[i].name for r in out.tripped for i in cfg.rounds.get(r, ())}

@@ -247,8 +247,8 @@ def test_a_lines_own_timeout_is_the_per_request_timeout(tmp_path: Path, broker: 
         assert sub.timeout_s == 0.5 and sub.policy.max_timeout_s == 4.0
         meter = agent.devices["utility"]
         wire = meter.wire_time_s()
-        assert 16 * 0.2 < wire < 16 * 0.25  # 2400 bit/s 8E1, the DL/T 645 default
-        assert utility.deadline_s(meter.transactions(), wire) == pytest.approx(16 * 6.0 + wire)
+        assert 26 * 0.2 < wire < 26 * 0.25  # 2400 bit/s 8E1, the DL/T 645 default
+        assert utility.deadline_s(meter.transactions(), wire) == pytest.approx(26 * 6.0 + wire)
         dev = agent.devices["sub"]
         assert sub.deadline_s(dev.transactions(), dev.wire_time_s()) == pytest.approx(
             4 * 0.5 + dev.wire_time_s())

@@ -55,6 +55,8 @@ def test_command_wakes_do_not_push_the_next_cycle_away(monkeypatch: pytest.Monke
         ag.poller = types.SimpleNamespace(force=lambda *a: None, urgent=False, poll=poll)
         ag.control_cycle = control_cycle
         ag._housekeeping = lambda: None
+        ag.ledger = None
+        ag.ledger_cycle = lambda: None
         ag._wait = types.MethodType(Agent._wait, ag)
         stop = asyncio.Event()
         task = asyncio.create_task(Agent.cycle_loop(ag, stop))

@@ -47,7 +47,8 @@ def test_the_buffer_in_memory_continues_the_file_and_is_taken_up(tmp_path: Path)
     before = path.read_bytes()
 
     mem = BufferFile.in_memory(path)
-    assert mem.memory_seed == {"results": 0, "events": 1, "telemetry": 10}
+    assert mem.memory_seed == {"results": 0, "events": 1, "bills": 0, "intervals": 0,
+                               "telemetry": 10}
     mout, mstore = Outbox(mem, max_mb=1.0), StateStore(mem)
     assert mstore.load("supervisor") == {"v": 1, "held": ["ev"]}
     assert mstore.command_seen("c1")

@@ -100,7 +100,7 @@ def test_every_point_reads_what_the_simulator_holds() -> None:
     async def body(sim: Dlt645Line, line: SerialLine) -> None:
         meter = Dlt645Meter("main", line, A1, PROFILE, timeout_s=0.5)
         values = await meter.read_points()
-        assert line.transactions == len({p.di for p in PROFILE.points}) == 16
+        assert line.transactions == len({p.di for p in PROFILE.points}) == 26
         q = phys.quantities(T0)
         assert set(values) == {p.name for p in PROFILE.points}
         for name, got in values.items():
