@@ -21,6 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -40,6 +41,7 @@ from lmt.control.supervisor import (
 from .messages import (
     CancelCommand,
     CapCommand,
+    CarbonCurveCommand,
     Command,
     DrEventCommand,
     GuaranteeCommand,
@@ -47,6 +49,7 @@ from .messages import (
     RejectReason,
     RemoteCommand,
     ShedCommand,
+    TariffCommand,
     event_body,
     result_body,
 )
@@ -67,7 +70,21 @@ UNAUTHENTICATED_PER_S = 5.0
 Sink = Callable[[str, list[dict[str, Any]]], None]
 
 
-def to_request(cmd: Command) -> Request:
+@dataclass(frozen=True)
+class LedgerRequest:
+    """A verified command for the energy ledger (not for control): ``tariff`` or
+    ``carbon_curve`` with its body's payload."""
+
+    id: str
+    kind: str
+    payload: dict[str, Any]
+    effective_from: float | None = None
+
+
+AnyRequest = Request | LedgerRequest
+
+
+def to_request(cmd: Command) -> AnyRequest:
     """A verified command as the supervisor's request."""
     if isinstance(cmd, CapCommand):
         return CapRequest(cmd.id, cmd.cap_kw, duration_s=cmd.duration_s, until=cmd.until,
@@ -87,6 +104,10 @@ def to_request(cmd: Command) -> Request:
     if isinstance(cmd, RemoteCommand):
         return RemoteRequest(cmd.id, cmd.round, cmd.action, alarm_delay_min=cmd.alarm_delay_min,
                              limit_half_hours=cmd.limit_half_hours)
+    if isinstance(cmd, TariffCommand):
+        return LedgerRequest(cmd.id, "tariff", dict(cmd.tariff), cmd.effective_from)
+    if isinstance(cmd, CarbonCurveCommand):
+        return LedgerRequest(cmd.id, "carbon_curve", dict(cmd.curve))
     assert isinstance(cmd, GuaranteeCommand)
     return GuaranteeRequest(cmd.id, cmd.on, duration_half_hours=cmd.duration_half_hours,
                             auto_after_h=cmd.auto_after_h)
@@ -107,7 +128,7 @@ class Intake:
         self.budget_s = budget_s
         self.queue: deque[bytes] = deque()
         self.max_queue, self.max_bytes = queue, queue_bytes
-        self.requests: list[Request] = []
+        self.requests: list[AnyRequest] = []
         self.stopping = False
         self._pending: dict[str, tuple[float, float]] = {}  # verified, not yet remembered
         self._bytes = 0
@@ -180,7 +201,7 @@ class Intake:
                           "it) were refused without a result of their own"})])
             self._dropped, self._unanswered, self._dropped_since = 0, 0, None
 
-    def take(self) -> list[Request]:
+    def take(self) -> list[AnyRequest]:
         """The verified requests for this cycle's supervisor step (refusals answered)."""
         self.verify_pending()
         self.answer()
@@ -228,12 +249,12 @@ class Intake:
         self._pending[cmd.id] = (cmd.expires_at, now)
         self.requests.append(to_request(cmd))
 
-    def seen(self, requests: list[Request]) -> list[tuple[str, float, float]]:
+    def seen(self, requests: list[AnyRequest]) -> list[tuple[str, float, float]]:
         """The ids of these requests to remember (id, expires at, received at), in the
         transaction that saves the supervisor's answer to them; they are no longer pending."""
         return [(r.id, *self._pending.pop(r.id)) for r in requests if r.id in self._pending]
 
-    def forget(self, requests: list[Request]) -> None:
+    def forget(self, requests: list[AnyRequest]) -> None:
         """These requests were not answered (the step failed, the agent stopped): their ids are
         not remembered, so the platform may send them again."""
         for r in requests:

@@ -33,7 +33,7 @@ from lmt.control.supervisor import VOLATILE, Inputs, OptOut, Request, Supervisor
 from . import lmt_version
 from .actuator import Actuator
 from .buffer import BufferFile, BufferUnwritable
-from .commands import BUDGET_SHARE, Intake
+from .commands import BUDGET_SHARE, Intake, LedgerRequest
 from .degraded import RETRY_S, start_degraded, take_up
 from .derive import load_state, supervisor_config
 from .devices import build_devices
@@ -215,6 +215,20 @@ class Agent:
         state, records = supervisor.outcome(self.control, state, done, self.clock())
         self.commit(state, records)
 
+    def ledger_commands(self, requests: Sequence[LedgerRequest]) -> None:
+        """Tariff and carbon-curve commands go to the ledger (never to control)."""
+        for r in requests:
+            seen = self.intake.seen([r])
+            if self.ledger is None:
+                with self.outbox.transaction():
+                    self.store.remember_commands(seen)
+                    self.append("results", [validate_body("results", {
+                        "ts": self.clock(), "command_id": r.id, "status": "rejected",
+                        "reason": "invalid", "detail": "this terminal keeps no energy ledger "
+                                                       "([ledger] enabled = false)", "data": {}})])
+                continue
+            self.ledger.command(r, self.clock(), self.mono(), seen)
+
     def ledger_cycle(self) -> None:
         """The cycle's readings into the ledger. A failure there (a bug) is logged and
         reported once; polling, control and the sync go on."""
@@ -247,7 +261,9 @@ class Agent:
         while not stop.is_set():
             started = self.mono()
             self.intake.new_cycle()
-            requests = self.intake.take()
+            taken = self.intake.take()
+            requests = [r for r in taken if not isinstance(r, LedgerRequest)]
+            self.ledger_commands([r for r in taken if isinstance(r, LedgerRequest)])
             if requests:  # control needs the site's power now
                 self.poller.force(main, point)
             self.poller.urgent = supervisor.controlling(self.state)

@@ -27,7 +27,15 @@ from typing import Any
 
 from lmt.analytics.carbon import SelectedFactor, parse_factors, select_factor
 from lmt.analytics.intervals import IntervalConfig, MeterSpec
-from lmt.analytics.ledger import LedgerConfig, LedgerState, Record, feed, running_yuan
+from lmt.analytics.ledger import (
+    LedgerConfig,
+    LedgerState,
+    Record,
+    feed,
+    running_yuan,
+    set_curve,
+    set_tariff,
+)
 from lmt.analytics.losses import LossGroup
 from lmt.analytics.sample import Sample
 from lmt.analytics.tariff import HolidayCalendar, Tariff, parse_calendar, parse_tariff
@@ -37,7 +45,8 @@ from lmt.config.errors import ConfigError
 from lmt.config.profiles import Profile
 
 from .buffer import BufferFile
-from .messages import validate_body
+from .commands import LedgerRequest
+from .messages import event_body, result_body, validate_body
 from .outbox import Outbox
 from .state_store import StateStore, dumps
 
@@ -400,6 +409,47 @@ class LedgerRunner:
                     by_stream.setdefault(r.stream, []).append(body)
             for stream, bodies in by_stream.items():
                 self.append(stream, bodies)
+        self._saved_at, self._dirty = mono, False
+
+    def command(self, req: LedgerRequest, now: float, mono: float,
+                seen: list[tuple[str, float, float]]) -> None:
+        """A verified ``tariff`` or ``carbon_curve`` command: applied and answered (accepted,
+        completed; or rejected ``invalid`` with the reason, changing nothing), its id
+        remembered, in one transaction with the ledger's state."""
+        results: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        try:
+            if req.kind == "tariff":
+                tariff = parse_tariff(req.payload)
+                at = float(req.effective_from or now)
+                state = set_tariff(self.config, self.state, tariff, at)
+                detail = f"tariff {tariff.id} ({tariff.notice}) prices the intervals from {at:.0f}"
+                events.append(event_body("tariff_changed", now, {
+                    "command_id": req.id, "tariff": tariff.id, "notice": tariff.notice,
+                    "effective_from": at}))
+            else:
+                state = set_curve(self.state, req.payload)
+                curve = state.curve
+                detail = (f"carbon curve {curve['id']}: {len(curve['kg_per_kwh'])} hours from "
+                          f"{curve['start']}")
+                events.append(event_body("carbon_curve_changed", now, {
+                    "command_id": req.id, "curve": curve["id"], "start": curve["start"],
+                    "hours": len(curve["kg_per_kwh"])}))
+        except ValueError as exc:
+            log.info("command %s: rejected (invalid): %s", req.id, exc)
+            results.append(result_body(req.id, "rejected", now, "invalid", str(exc)))
+            state = self.state
+        else:
+            log.info("command %s: %s", req.id, detail)
+            results += [result_body(req.id, "accepted", now, detail=detail),
+                        result_body(req.id, "completed", now, detail=detail)]
+        self.state = state
+        with self.outbox.transaction():
+            self.store.save_text("ledger", dumps(self.state.to_dict()), now)
+            self.store.remember_commands(seen)
+            self.append("results", results)
+            if events:
+                self.append("events", events)
         self._saved_at, self._dirty = mono, False
 
     def save(self, now: float, mono: float) -> None:

@@ -492,8 +492,29 @@ class GuaranteeCommand(_CommandBase):
     auto_after_h: int | None = Field(default=None, ge=0, le=255)
 
 
+class TariffCommand(_CommandBase):
+    """Replace the energy ledger's tariff from ``effective_from`` on (unix s): every interval
+    that starts then or later is priced by ``tariff`` (a tariff file's content as JSON, see
+    docs/tariffs.md). Refused ``invalid``, changing nothing, when the tariff does not validate
+    or the terminal keeps no ledger."""
+
+    type: Literal["tariff"]
+    tariff: dict[str, Any] = Field(min_length=1)
+    effective_from: float = Field(ge=0, description="unix time (s) from which it prices")
+
+
+class CarbonCurveCommand(_CommandBase):
+    """Hourly grid emission factors (kg CO2/kWh) for the ledger's carbon, replacing the
+    configured factor where they apply (docs/carbon-and-losses.md). Refused ``invalid`` when
+    the curve does not validate."""
+
+    type: Literal["carbon_curve"]
+    curve: dict[str, Any] = Field(min_length=1, description="id, source, start (unix s on the "
+                                                            "hour), kg_per_kwh (one per hour)")
+
+
 Command = Annotated[CapCommand | ShedCommand | DrEventCommand | CancelCommand | ModesCommand
-                    | RemoteCommand | GuaranteeCommand,
+                    | RemoteCommand | GuaranteeCommand | TariffCommand | CarbonCurveCommand,
                     Field(discriminator="type", title="Command",
                           description="The body of a signed command (SignedCommand.body, as "
                                       "JSON), of the kind its type says. The schema cannot "

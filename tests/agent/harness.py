@@ -59,7 +59,7 @@ def write_agent_config(tmp_path: Path, site_port: int, broker_port: int, **overr
     for d in cfg["devices"]:
         d["port"] = site_port
     for section, values in overrides.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     path = tmp_path / "agent.toml"
     path.write_text(tomli_w.dumps(cfg))
     return path, key

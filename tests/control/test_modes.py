@@ -71,6 +71,7 @@ class C:
     off: str | None = None
     alarm: str | None = None
     kwh: float | None = None  # cumulative import; carried forward
+    yuan: float | None = None  # the running cost of the import; carried forward
     contact: float | None = 0.0
     params: ModeParams | None = None  # new parameters from this cycle on
     mode: Any = ANY
@@ -89,19 +90,20 @@ def rounds_text(rounds: tuple[int, ...]) -> str:
 
 def run(params: ModeParams, rows: list[C], state: ModeState | None = None,
         rounds: dict[int, float | None] = ROUNDS) -> tuple[ModeState, list[CycleOutputs]]:
-    load = kwh = None
+    load = kwh = yuan = None
     tripped = tuple(state.tripped) if state is not None else ()
     outs = []
     for i, row in enumerate(rows):
         params = row.params or params
         load = row.load if row.load is not None else load
         kwh = row.kwh if row.kwh is not None else kwh
+        yuan = row.yuan if row.yuan is not None else yuan
         now, day, minute = when(row.at)
         assert local_time(now, 0) == (day, minute)
         site = None
         if load is not None and row.fresh:
             site = load - sum(rounds.get(r) or 0.0 for r in tripped)
-        inputs = CycleInputs(now, day, minute, site, kwh, row.contact, rounds)
+        inputs = CycleInputs(now, day, minute, site, kwh, row.contact, rounds, spent_yuan=yuan)
         before = state.to_dict() if state is not None else None
         new_state, out = step(params, state, inputs)
         assert state is None or state.to_dict() == before, "step mutated its state argument"
@@ -529,6 +531,57 @@ def test_prepaid_thresholds_orders_and_staged_trips() -> None:
         C("12:10", kwh=1100.5, ev="trip purchase 1", off="1"),  # 5 left
     ])
     assert outs[-1].purchase_left_kwh == pytest.approx(5.0)
+
+
+PREPAID_YUAN = ModeParams(
+    energy=EnergyParams(rounds=(1, 2), interval_s=60.0),
+    purchase=PurchaseParams(enabled=True, order_no=1, append=False, unit="yuan",
+                            amount_yuan=500.0, alarm_yuan=100.0, trip_yuan=20.0),
+)
+
+
+def test_a_prepaid_order_in_money_counts_down_with_the_running_cost() -> None:
+    """The same rounds, thresholds and orders as in kWh, counted on the ledger's running cost
+    (``spent_yuan``), not on the register: here the register stands still while the money goes
+    (a peak price); an order in kWh after it starts a fresh count in kWh."""
+    def order(no: int, append: bool, amount: float) -> ModeParams:
+        return replace(PREPAID_YUAN, purchase=replace(PREPAID_YUAN.purchase, order_no=no,
+                                                      append=append, amount_yuan=amount))
+
+    _, outs = run(PREPAID_YUAN, [
+        C("10:00", load=50, kwh=1000.0, yuan=2000.0, ev="order purchase"),  # 500 yuan left
+        C("11:00", yuan=2399.0),                      # 101 left
+        C("11:01", yuan=2400.0, ev="alarm purchase"),  # 100 left: the alarm threshold
+        C("12:00", yuan=2480.0, ev="trip purchase 1", off="1"),  # 20 left: the trip threshold
+        C("12:01", yuan=2481.0, ev="trip purchase 2", off="1 2"),
+        C("12:05", params=order(2, True, 300.0),      # append: 19 + 300 left
+          ev="order purchase; alarm_off purchase; restore purchase 2", off="1"),
+        C("12:06", ev="restore purchase 1", off=""),
+    ])
+    assert outs[-1].purchase_left_kwh == pytest.approx(319.0)
+    assert outs[-1].purchase_unit == "yuan"
+    in_kwh = replace(PREPAID, purchase=replace(PREPAID.purchase, order_no=3))
+    _, outs = run(PREPAID_YUAN, [
+        C("10:00", load=50, kwh=1000.0, yuan=2000.0, ev="order purchase"),
+        C("10:01", params=in_kwh, ev="order purchase"),  # refreshed: 100 kWh from now
+        C("10:02", kwh=1010.0, yuan=9999.0),          # money no longer counts
+    ])
+    assert outs[-1].purchase_unit == "kwh" and outs[-1].purchase_left_kwh == pytest.approx(90.0)
+
+
+def test_a_money_order_waits_for_a_price() -> None:
+    """No tariff (no running cost): the order is applied once there is one."""
+    run(PREPAID_YUAN, [
+        C("10:00", load=50, kwh=1000.0),
+        C("10:01", yuan=5.0, ev="order purchase"),
+    ])
+
+
+def test_money_thresholds_are_checked() -> None:
+    with pytest.raises(ValueError, match="alarm threshold 5 yuan is below the trip threshold 10"):
+        PurchaseParams(unit="yuan", alarm_yuan=5.0, trip_yuan=10.0)
+    with pytest.raises(ValueError, match="unit"):
+        PurchaseParams(unit="cny")
 
 
 # ---------------------------------------------------------------------------------------------
