@@ -429,10 +429,11 @@ class Outbox:
         return None if start is None or upto is None else (int(start), int(upto))
 
     def _prune_for_room(self, target: int) -> int:
-        """Delete delivered records (telemetry, then events, then results; oldest first)
-        until the records fit in ``target`` bytes; return how many."""
+        """Delete delivered records (telemetry, then intervals, bills, events, results; oldest
+        first) until the records fit in ``target`` bytes; return how many. (The ledger keeps
+        its intervals and bills in tables of its own.)"""
         n = 0
-        for stream in ("telemetry", "events", "results"):
+        for stream in ("telemetry", "intervals", "bills", "events", "results"):
             for first, last in self._delivered_ranges(stream):
                 while (over := self._live_bytes() - target) > 0:
                     got = self._chunk(stream, first, last, over)

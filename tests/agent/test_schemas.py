@@ -27,7 +27,7 @@ def test_schemas_are_current() -> None:
 
 def test_every_payload_has_a_schema() -> None:
     assert set(render_schemas()) == {f"{n}.schema.json" for n in
-                                     ("status", "telemetry", "events", "result", "cmd",
+                                     ("status", "telemetry", "events", "result", "intervals", "bills", "cmd",
                                       "command-body")}
 
 

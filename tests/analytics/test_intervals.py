@@ -320,3 +320,26 @@ def test_the_state_does_not_change_under_the_caller() -> None:
     assert json.dumps(s1.to_dict()) == before
     assert s0 == MeterLedger()
     assert s2.pending == [] and s2.open is not None and s2.open.start == MIDNIGHT + 900
+
+
+def test_the_worked_example_of_docs_ledger() -> None:
+    """docs/ledger.md, "Intervals": readings every 30 s, 40 kW until 09:59:30 and 80 kW from
+    10:00; the register read at 09:44:30 (995.80), 09:59:30 (1005.80), 10:00:30 (1006.40) and
+    10:14:30 (1015.60)."""
+    b = 1784080800.0  # 2026-07-15 10:00 in China
+    run = Run(cfg=IntervalConfig(cover_gap_s=60.0), spec=MeterSpec("main"))
+    reg = {b - 930: 995.80, b - 30: 1005.80, b + 30: 1006.40, b + 870: 1015.60}
+    for k in range(-31, 31):
+        t = b + 30 * k
+        run.feed(Sample(t=t, mono=t, power_kw=40.0 if t < b else 80.0, import_kwh=reg.get(t)))
+    r_0945 = 995.80 + (1005.80 - 995.80) * (40 * 30 / 3600) / (40 * 900 / 3600)
+    r_1000 = 1005.80 + (1006.40 - 1005.80) * ((40 + 80) / 2 * 30 / 3600) / (
+        (40 + 80) / 2 * 30 / 3600 + 80 * 30 / 3600)
+    assert r_0945 == pytest.approx(996.1333, abs=1e-4)
+    assert r_1000 == pytest.approx(1006.0571, abs=1e-4)
+    first, second = run.records
+    assert first["start"] == b - 1800 and first["quality"] == "gap"  # read from 09:44:30 only
+    assert second["start"] == b - 900 and second["quality"] == "complete"
+    assert second["import_kwh"] == pytest.approx(r_1000 - r_0945, abs=1e-6)
+    assert second["import_kwh"] == pytest.approx(9.9238, abs=1e-4)
+    assert second["mean_kw"] == pytest.approx(9.9238 * 4, abs=1e-3)
