@@ -279,12 +279,33 @@ def _fmt_values(values: dict[str, Any]) -> str:
                     for k, x in list(values.items())[:6])
 
 
+def _fmt_interval(rec: dict[str, Any]) -> str:
+    start = time.strftime("%H:%M", time.localtime(float(rec.get("start", 0))))
+    end = time.strftime("%H:%M", time.localtime(float(rec.get("end", 0))))
+    if rec.get("kind") == "loss":
+        return (f"loss {rec.get('group')} {start}-{end}: main {rec.get('main_kwh')} kWh, subs "
+                f"{rec.get('sub_kwh')} kWh, loss {rec.get('loss_kwh')} kWh "
+                f"({rec.get('loss_pct')} %) {rec.get('status')}")
+    cost = f" {rec['period']} {rec['cost']:.2f}" if rec.get("cost") is not None else ""
+    co2 = f" {rec['kgco2']:.1f} kgCO2" if rec.get("kgco2") is not None else ""
+    return (f"interval {rec.get('meter')} {start}-{end}: {rec.get('import_kwh')} kWh{cost}{co2} "
+            f"{rec.get('quality')}")
+
+
 def format_record(terminal: str, stream: str, rec: dict[str, Any], historical: bool) -> str:
     ts = time.strftime("%H:%M:%S", time.localtime(float(rec.get("ts", 0))))
     hist = " (historical)" if historical else ""
     head = f"{ts} {terminal} {stream}#{rec.get('seq')}{hist}"
     if stream == "telemetry":
         return f"{head} {rec.get('device')}: {_fmt_values(rec.get('values', {}))}"
+    if stream == "intervals":
+        return f"{head} {_fmt_interval(rec)}"
+    if stream == "bills":
+        b = rec.get("bill", {})
+        return (f"{head} {rec.get('kind')} bill {rec.get('label')} {rec.get('meter')}"
+                f"{' (final)' if rec.get('final') else ''}: {b.get('energy_kwh')} kWh, total "
+                f"{b.get('total')} {b.get('currency', '')} (energy {b.get('energy_cost')}, "
+                f"demand {b.get('demand_charge')}), {b.get('kgco2')} kgCO2")
     if stream == "events":
         data = rec.get("data", {})
         if rec.get("type") in ("load_shed", "load_restored"):
