@@ -24,7 +24,7 @@ What a reading goes through:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from lmt.control.jsonstate import Json
@@ -80,6 +80,10 @@ class LedgerConfig:
         object.__setattr__(self, "_by_name", {m.name: m for m in self.meters})
         object.__setattr__(self, "_book", None if self.tariff is None
                            else TariffBook(((0.0, self.tariff),)))
+        # each meter's detectors know its register's range (a rollover is not a decrease)
+        object.__setattr__(self, "_theft", {} if self.theft is None else {
+            m.name: replace(self.theft, register_rollover_kwh=m.register_max_kwh)
+            for m in self.meters})
 
     def meter(self, name: str) -> MeterSpec:
         by_name: dict[str, MeterSpec] = self.__dict__["_by_name"]
@@ -168,8 +172,9 @@ def feed(cfg: LedgerConfig, state: LedgerState, meter: str, sample: Sample, sess
         records += _losses(cfg, new, meter, body)
     if meter == cfg.billing_meter:
         new.running_yuan = max(new.running_yuan, _running(cfg, new, sample.t))
-    if cfg.theft is not None:
-        theft, events = step_theft(cfg.theft, state.theft, meter, sample)
+    tc: TheftConfig | None = cfg.__dict__["_theft"].get(meter)
+    if tc is not None:
+        theft, events = step_theft(tc, state.theft, meter, sample)
         if theft is not state.theft:
             new.theft = theft
         records += [Record("events", {"ts": sample.t, "type": e["type"], "data": e["data"]})

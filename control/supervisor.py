@@ -990,6 +990,10 @@ class _Cycle:
         for d in out.decisions:
             data = {"round": d.round, "mode": d.mode, "reason": d.reason,
                     "power_kw": None if d.power_kw is None else round(d.power_kw, 3)}
+            if d.mode == "purchase":  # the balance as it changes: orders, alarms, trips
+                left = out.purchase_left_kwh
+                data |= {"left": None if left is None else round(left, 2),
+                         "unit": out.purchase_unit}
             self.event(f"mode_{d.kind}", **data)
             if d.kind == "alarm" and d.mode == "purchase":  # the prepaid balance is low
                 pp = st.mode_params.purchase
