@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,22 @@ def parse_time(text: str) -> float:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a time: {text!r}") from None
+
+
+def parse_day(text: str) -> date:
+    """'2026-07-15' -> a date."""
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day: {text!r} (expected YYYY-MM-DD)") from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def _setup_logging(level: str) -> None:
@@ -270,6 +287,13 @@ def cmd_optout(args: argparse.Namespace) -> int:
     print(f"opt-out of DR event {args.event_id} requested; the agent applies it in its next "
           "control cycle and reports opted_out on the result topic")
     return 0
+
+
+# -- ledger ----------------------------------------------------------------------------------
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from .ledger_report import run_cli
+
+    return run_cli(args)
 
 
 # -- field tools -----------------------------------------------------------------------------
@@ -570,6 +594,30 @@ def build_parser() -> argparse.ArgumentParser:
     oo.add_argument("--reason", default="local override (lmt optout)",
                     help="who overrode it, and how (reported to the platform)")
     oo.set_defaults(func=cmd_optout)
+
+    lg = sub.add_parser(
+        "ledger", help="what the energy ledger holds: intervals, bills, balance, carbon, events",
+        description="Print what the energy ledger keeps in the buffer: a day's intervals per "
+        "ledger meter (start, kWh, mean and max kW, tariff period, cost, kgCO2, quality), the "
+        "day's and the month's bill so far (kWh and cost per period, demand charge, fixed "
+        "charges, total, kgCO2), the prepaid balance, carbon and the factor used, the loss "
+        "groups' figures, and the recent loss, theft and balance events. Reads the buffer "
+        "read-only: safe while the agent runs (never takes its lock, never writes). Times are "
+        "the terminal's local time (modes.utc_offset_s). Exit code: 0 shown, 1 no buffer or "
+        "no ledger in it, 2 a wrong command line or configuration.")
+    lg.add_argument("--config", required=True, help="agent configuration file (TOML)")
+    lg.add_argument("--day", type=parse_day, metavar="YYYY-MM-DD",
+                    help="the local day to show (default: today); the month is its month")
+    lg.add_argument("--meter", metavar="NAME", help="only this ledger meter (default: all)")
+    lg.add_argument("--events", type=_count, metavar="N",
+                    help="show the last N loss, theft and balance events (default 10; 0: none)")
+    lg.add_argument("--since", metavar="TIME",
+                    help="only events since TIME: unix seconds or ISO 8601 (local time if no "
+                         "zone), e.g. 2026-07-15 or 2026-07-15T08:00; then all of them unless "
+                         "--events")
+    lg.add_argument("--json", action="store_true",
+                    help="one JSON document for scripts (keys: docs/field-tools.md)")
+    lg.set_defaults(func=cmd_ledger)
 
     def add_target(sp: argparse.ArgumentParser) -> None:
         where = sp.add_mutually_exclusive_group(required=True)
