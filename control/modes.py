@@ -986,17 +986,17 @@ class _Cycle:
         e = self.counter(pp.unit)
         if e is None:
             return  # applied once the meter is read (or the tariff prices it)
-        unit = "元" if pp.unit == "yuan" else "kWh"
+        unit, dp = ("元", 2) if pp.unit == "yuan" else ("kWh", 1)
         left = self.purchase_left() if st.order_unit == pp.unit else None
         if pp.append and left is not None:
-            new_left, how = left + pp.amount, f"appended {pp.amount:g} {unit} to {left:.2f}"
+            new_left, how = left + pp.amount, f"appended {pp.amount:g} {unit} to {left:.{dp}f}"
         else:
             new_left, how = pp.amount, f"refreshed to {pp.amount:g} {unit}"
         st.order_no, st.order_left_kwh, st.order_at_kwh = pp.order_no, new_left, e
         st.order_unit = pp.unit
         self.released("purchase").clear()
         self.rec("order", "purchase", None,
-                 f"purchase order {pp.order_no}: {how}, {new_left:.2f} {unit} left")
+                 f"purchase order {pp.order_no}: {how}, {new_left:.{dp}f} {unit} left")
 
     def purchase_left(self) -> float | None:
         """What is left of the order (in its unit)."""
@@ -1066,9 +1066,9 @@ class _Cycle:
         alarm = over = None
         what = ""
         if left is not None and self.st.order_unit == pp.unit:
-            unit = "元" if pp.unit == "yuan" else "kWh"
+            unit, dp = ("元", 2) if pp.unit == "yuan" else ("kWh", 1)
             alarm, over = left <= pp.alarm, left <= pp.trip
-            what = f"{left:.2f} {unit} left (alarm at {pp.alarm:g}, trip at {pp.trip:g})"
+            what = f"{left:.{dp}f} {unit} left (alarm at {pp.alarm:g}, trip at {pp.trip:g})"
         self.energy_control("purchase", pp.enabled, alarm, over, what)
 
     # -- restore ----------------------------------------------------------------------------------

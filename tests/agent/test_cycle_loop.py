@@ -57,6 +57,7 @@ def test_command_wakes_do_not_push_the_next_cycle_away(monkeypatch: pytest.Monke
         ag._housekeeping = lambda: None
         ag.ledger = None
         ag.ledger_cycle = lambda: None
+        ag.ledger_commands = lambda requests: None
         ag._wait = types.MethodType(Agent._wait, ag)
         stop = asyncio.Event()
         task = asyncio.create_task(Agent.cycle_loop(ag, stop))
