@@ -82,6 +82,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"lmt run: configuration error\n{exc}", file=sys.stderr)
         return 2
+    if cfg.ledger_meters():  # the ledger's data files (tariff, holidays, factors) too
+        from lmt.config.profiles import load_profile
+
+        from .ledger import ledger_config
+
+        try:
+            ledger_config(cfg, {d.name: load_profile(d.profile) for d in cfg.devices})
+        except ConfigError as exc:
+            print(f"lmt run: configuration error\n{exc}", file=sys.stderr)
+            return 2
     if args.check:
         print(f"{args.config}: configuration is valid ({len(cfg.devices)} devices, "
               f"{len(cfg.loads)} loads)")
@@ -156,7 +166,74 @@ def _command_body(args: argparse.Namespace) -> dict:
         return command_body("guarantee", args.terminal, on=args.state == "on",
                             duration_half_hours=args.half_hours, auto_after_h=args.auto_after,
                             **common)
+    if args.kind == "tariff":
+        return command_body("tariff", args.terminal, tariff=_tariff_payload(args),
+                            effective_from=_when(args.effective_from, args.action), **common)
+    if args.kind == "carbon_curve":
+        return command_body("carbon_curve", args.terminal, curve=_curve_payload(args), **common)
     return command_body("cancel", args.terminal, target=args.target, **common)
+
+
+def _when(text: str | None, action: str) -> float:
+    """Unix seconds, or an ISO 8601 time (with its offset; without one: this machine's)."""
+    if text is None:
+        return round(time.time(), 3)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise SystemExit(f"lmt platform {action}: --from: expected unix seconds or an ISO 8601 "
+                         f"time such as 2026-07-01T00:00+08:00, got {text!r}") from None
+
+
+def _data_file(path: str, action: str) -> dict[str, Any]:
+    """A TOML or JSON file's content."""
+    import tomllib
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SystemExit(f"lmt platform {action}: {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    except ValueError as exc:
+        raise SystemExit(f"lmt platform {action}: {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"lmt platform {action}: {path}: expected an object")
+    return data
+
+
+def _tariff_payload(args: argparse.Namespace) -> dict[str, Any]:
+    """The tariff file as JSON, checked as the terminal will check it (a shipped id or a file);
+    ``--unchecked`` sends it as it is (to test a terminal's refusal)."""
+    from lmt.analytics.tariff import parse_tariff
+
+    from .ledger import TARIFFS
+
+    path = args.file if args.file.endswith((".toml", ".json")) else str(TARIFFS / f"{args.file}.toml")
+    data = _data_file(path, args.action)
+    if args.unchecked:
+        return json.loads(json.dumps(data, default=str))
+    try:
+        return parse_tariff(data).to_dict()
+    except ValueError as exc:
+        raise SystemExit(f"lmt platform {args.action}: {path}: {exc}") from None
+
+
+def _curve_payload(args: argparse.Namespace) -> dict[str, Any]:
+    from lmt.analytics.carbon import parse_curve
+
+    data = _data_file(args.file, args.action)
+    try:
+        parse_curve(data)
+    except ValueError as exc:
+        raise SystemExit(f"lmt platform {args.action}: {args.file}: {exc}") from None
+    return data
 
 
 _TLS_FLAGS = {"ca_file": "--cafile", "cert_file": "--client-cert", "key_file": "--client-key"}
@@ -534,6 +611,21 @@ def build_parser() -> argparse.ArgumentParser:
         rc.add_argument("--limit", type=int, default=0, metavar="HALF_HOURS",
                         help="trip: close again after this many half-hours, 0-255 "
                              "(default 0: until an allow-close)")
+        ta = kinds.add_parser("tariff", help="replace the terminal's tariff from a time on "
+                              "(docs/tariffs.md)")
+        ta.add_argument("--file", required=True, metavar="TARIFF",
+                        help="a tariff file (.toml or .json) or a shipped tariff id, e.g. "
+                             "jiangsu-2025-two-part")
+        ta.add_argument("--from", dest="effective_from", metavar="TIME",
+                        help="price the intervals starting then or later: unix seconds or ISO "
+                             "8601 (default: now)")
+        ta.add_argument("--unchecked", action="store_true",
+                        help="send the file as it is, without checking it first")
+        cc = kinds.add_parser("carbon_curve", help="hourly grid emission factors for the "
+                              "terminal's carbon (docs/carbon-and-losses.md)")
+        cc.add_argument("--file", required=True, metavar="CURVE",
+                        help="a .json or .toml file: id, source, start (unix s, on the hour), "
+                             "kg_per_kwh (one per hour)")
         gu = kinds.add_parser("guarantee", help="power guarantee on or off: every round closed")
         gu.add_argument("state", choices=["on", "off"])
         gu.add_argument("--half-hours", type=int, default=0,

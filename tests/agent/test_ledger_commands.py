@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from lmt.agent.broker import Broker
 from lmt.agent.daemon import Agent
+from lmt.agent.security import generate_keypair
 from lmt.analytics.tariff import parse_tariff, period_at, price_of
 from lmt.config import load_agent_config
 from tests.agent.harness import AgentThread
 from tests.agent.test_control_flow import Rig
-from tests.conftest import wait_until
+from tests.conftest import EXAMPLES, lmt_argv, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TARIFFS = ROOT / "config" / "tariffs"
@@ -149,3 +152,62 @@ def test_shipped_tariffs_are_valid_command_bodies() -> None:
     for f in sorted(TARIFFS.glob("*.toml")):
         t = parse_tariff(tomllib.loads(f.read_text(encoding="utf-8")))
         assert parse_tariff(json.loads(json.dumps(t.to_dict()))) == t
+
+
+# -- the platform's side and the agent's checks, without a broker ----------------------------
+
+def _lmt(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(lmt_argv(*args), capture_output=True, text=True, timeout=60)
+
+
+def test_lmt_platform_signs_a_tariff_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    key, _pub = generate_keypair(tmp_path / "keys")
+    out = _lmt("platform", "sign", "--key", str(key), "--terminal", "t-1", "tariff",
+               "--file", "yunnan-2026-two-part", "--from", "2026-07-01T00:00+08:00")
+    assert out.returncode == 0, out.stderr
+    body = json.loads(json.loads(out.stdout)["body"])
+    assert body["type"] == "tariff" and body["tariff"]["id"] == "yunnan-2026-two-part"
+    assert body["effective_from"] == 1782835200.0  # 2026-06-30 16:00 UTC
+    assert parse_tariff(body["tariff"]).id == "yunnan-2026-two-part"
+    bad = tmp_path / "bad.toml"
+    bad.write_text((TARIFFS / "yunnan-2026-two-part.toml").read_text(encoding="utf-8")
+                   .replace('id = "yunnan-2026-two-part"', 'id = "Bad Id"'))
+    out = _lmt("platform", "sign", "--key", str(key), "--terminal", "t-1", "tariff",
+               "--file", str(bad))
+    assert out.returncode != 0 and "bad.toml" in out.stderr and "id" in out.stderr
+    out = _lmt("platform", "sign", "--key", str(key), "--terminal", "t-1", "tariff",
+               "--file", str(bad), "--unchecked")
+    assert out.returncode == 0, out.stderr  # to test a terminal's refusal
+    curve = tmp_path / "curve.json"
+    curve.write_text(json.dumps({"id": "c1", "source": "test", "start": 1782835200,
+                                 "kg_per_kwh": [0.5, 0.4]}))
+    out = _lmt("platform", "sign", "--key", str(key), "--terminal", "t-1", "carbon_curve",
+               "--file", str(curve))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(json.loads(out.stdout)["body"])["curve"]["kg_per_kwh"] == [0.5, 0.4]
+
+
+def test_lmt_run_check_names_a_bad_tariff_file_and_key(tmp_path: Path) -> None:
+    _key, pub = generate_keypair(tmp_path / "keys")
+    cfg = tomllib.loads((EXAMPLES / "demo-agent.toml").read_text(encoding="utf-8"))
+    cfg["security"]["platform_public_key"] = str(pub)
+    bad = tmp_path / "my-tariff.toml"
+    bad.write_text((TARIFFS / "jiangsu-2025-two-part.toml").read_text(encoding="utf-8")
+                   .replace("valley = 0.35", "valley = -0.35"))
+    cfg["ledger"]["tariff"] = "my-tariff.toml"  # relative to the agent file
+    path = tmp_path / "agent.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    out = _lmt("run", "--config", str(path), "--check")
+    assert out.returncode == 2, out
+    assert str(bad) in out.stderr and "valley" in out.stderr, out.stderr
+    cfg["ledger"]["tariff"] = "no-such-tariff"
+    path.write_text(tomli_w.dumps(cfg))
+    out = _lmt("run", "--config", str(path), "--check")
+    assert out.returncode == 2 and "ledger.tariff" in out.stderr
+    assert "jiangsu-2025-two-part" in out.stderr  # the shipped ones are named
+    cfg["ledger"]["tariff"] = "jiangsu-2025-two-part"
+    cfg["ledger"]["theft"]["detectors"] = {"ct_bypas": {"delay_s": 5}}
+    path.write_text(tomli_w.dumps(cfg))
+    out = _lmt("run", "--config", str(path), "--check")
+    assert out.returncode == 2 and "ledger.theft.detectors.ct_bypas" in out.stderr, out.stderr
+    assert "ct_bypass" in out.stderr
