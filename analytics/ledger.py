@@ -80,9 +80,12 @@ class LedgerConfig:
         object.__setattr__(self, "_by_name", {m.name: m for m in self.meters})
         object.__setattr__(self, "_book", None if self.tariff is None
                            else TariffBook(((0.0, self.tariff),)))
-        # each meter's detectors know its register's range (a rollover is not a decrease)
+        # each meter's detectors know its register's range (a rollover is not a decrease) and
+        # its digit (a register of 0.1 kWh steps by 0.1 at once: neither runaway nor stopped)
         object.__setattr__(self, "_theft", {} if self.theft is None else {
-            m.name: replace(self.theft, register_rollover_kwh=m.register_max_kwh)
+            m.name: replace(self.theft, register_rollover_kwh=m.register_max_kwh,
+                            register_resolution_kwh=max(self.theft.register_resolution_kwh,
+                                                        m.resolution_kwh))
             for m in self.meters})
 
     def meter(self, name: str) -> MeterSpec:
@@ -107,6 +110,10 @@ class LedgerState(Json):
     curve: Any = None  # the pushed hourly emission factors (HourlyCurve's dict)
     spent_yuan: float = 0.0  # the billing meter's priced intervals: what their import cost
     running_yuan: float = 0.0  # ... and with the energy since, at today's price (only grows)
+    # the billing meter's month_max_demand as of its last billed interval: what the final bill
+    # of a day or month charges (it is made at the next period's first interval, which carries
+    # the next month's maximum once a month has ended)
+    demand: Any = None
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -231,18 +238,24 @@ def _bill(cfg: LedgerConfig, state: LedgerState, body: dict[str, Any]) -> list[R
     """The billing meter's interval into the day's and the month's bills: the bill so far
     (kept), and, when the interval is the first of a new day or month, the last one's final
     bill (published)."""
+    md = body.get("month_max_demand")
+    last_md, state.demand = state.demand, md
+    closing_md = md if last_md is None else last_md  # (None: a state saved before it was kept)
     book = tariff_book(cfg, state)
     tariff = None if book is None else book.tariff_at(body["start"])
     if tariff is None:
         return []
     out: list[Record] = []
     off = cfg.utc_offset_s
-    md = body.get("month_max_demand")
     for kind in ("day", "month"):
         bs: BillState | None = getattr(state, kind)
         label = period_label(kind, body["start"], off)
         if bs is not None and bs.period != label:
-            out.append(_bill_record(cfg, bs, tariff, body, final=True, md=_demand_of(bs, md)))
+            # the tariff in force at its last line charges its demand and fixed charges
+            closing = (None if bs.last_end is None or book is None
+                       else book.tariff_at(bs.last_end - 1.0)) or tariff
+            out.append(_bill_record(cfg, bs, closing, body, final=True,
+                                    md=_demand_of(bs, closing_md)))
             bs = None
         if bs is None:
             bs = BillState.new(kind, label, off)
@@ -291,7 +304,8 @@ def bills_so_far(cfg: LedgerConfig, state: LedgerState, now: float) -> list[Bill
         return []
     out = []
     ml = state.meters.get(cfg.billing_meter or "")
-    md = (ml.month_max_kw, ml.month_max_at, ml.month) if ml is not None else (None, None, "")
+    md = (None if ml is None or ml.month_max_kw is None else round(ml.month_max_kw, 4),
+          None if ml is None else ml.month_max_at, "" if ml is None else ml.month)
     for bs in (state.day, state.month):
         if bs is not None:
             kw, at = (md[0], md[1]) if md[2] == bs.period[:7] else (None, None)
