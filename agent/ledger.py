@@ -20,7 +20,7 @@ import logging
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -264,7 +264,8 @@ def ledger_config(cfg: AgentConfig, profiles: Mapping[str, Profile]) -> tuple[Le
     lg = cfg.ledger
     points = {name: meter_points(profiles[name]) for name in cfg.ledger_meters()}
     specs = tuple(MeterSpec(name, has_import=bool(p.imports), has_export=bool(p.exports),
-                            register_max_kwh=_register_range(profiles[name]))
+                            register_max_kwh=_register_range(profiles[name]),
+                            resolution_kwh=register_digit(profiles[name], p))
                   for name, p in points.items())
     intervals = IntervalConfig(minutes=lg.interval_minutes, demand_minutes=lg.demand_minutes,
                                demand_mode=lg.demand_mode, utc_offset_s=cfg.modes.utc_offset_s,
@@ -281,6 +282,23 @@ def ledger_config(cfg: AgentConfig, profiles: Mapping[str, Profile]) -> tuple[Le
         tariff=load_tariff_file(lg.tariff) if lg.tariff else None,
         calendar=load_calendar_file(lg.holidays), factor=load_factor(cfg),
         theft=theft_config(cfg), loss_groups=groups), points
+
+
+def register_digit(profile: Profile, points: Points) -> float:
+    """The import register's step in kWh: a DL/T 645 ``XXXXXX.XX`` counts in 0.01, an integer
+    register in its multiplier (an EM24's kWh × 10: 0.1; Wh: 0.001), a float32 (an SDM630)
+    finer than a watt-hour until far beyond a site's yearly energy (0.001 here)."""
+    digit = 0.001
+    for name, k in points.imports:
+        pt = profile.point(name)
+        if profile.protocol == "dlt645":
+            step = 10.0 ** -pt.dlt_decimals * pt.multiplier * k
+        elif pt.type is not None and pt.type.value.startswith("float"):
+            step = 0.001
+        else:
+            step = abs(pt.multiplier) * k
+        digit = max(digit, step)
+    return digit
 
 
 def _register_range(profile: Profile) -> float:
@@ -302,7 +320,9 @@ class LedgerRunner:
         self.bind(file, outbox, store)
         self.state = self._load()
         self._fed: dict[str, float] = {}  # the monotonic time of each meter's reading fed last
+        self._values: dict[str, Mapping[str, Any]] = {}  # each meter's values as fed last
         self._asked: dict[str, float] = {}  # the interval whose end had its registers read
+        self._asking: set[str] = set()  # meters whose registers were asked for since fed
         self._saved_at = -math.inf
         self._pruned_at = -math.inf
         self._dirty = False
@@ -324,7 +344,9 @@ class LedgerRunner:
             log.error("ledger state unreadable (%s): the open intervals start afresh", exc)
             return LedgerState()
         known = {m.name for m in self.config.meters}
-        return LedgerState(meters={k: v for k, v in state.meters.items() if k in known})
+        # the meters no longer configured go; the rest (bills so far, loss groups, theft
+        # conditions, the tariff commands, the running cost) carries on
+        return replace(state, meters={k: v for k, v in state.meters.items() if k in known})
 
     @property
     def meters(self) -> list[str]:
@@ -337,6 +359,7 @@ class LedgerRunner:
         for name, ml in self.state.meters.items():
             if ml.pending and name in self.points and self._asked.get(name) != ml.pending[-1].start:
                 self._asked[name] = ml.pending[-1].start
+                self._asking.add(name)
                 due[name] = self.points[name].slow
         return due
 
@@ -361,7 +384,7 @@ class LedgerRunner:
                 continue
             at, values = got
             self._fed[name] = at
-            sample = to_sample(points, values, now - (mono - at), at)
+            sample = to_sample(points, self._read_now(name, points, values), now - (mono - at), at)
             state, recs = feed(self.config, state, name, sample, self.session)
             records += recs
         if balance is not None:
@@ -377,6 +400,26 @@ class LedgerRunner:
             self._pruned_at = mono
             self.prune(now)
         return records
+
+    def _read_now(self, name: str, points: Points, values: Mapping[str, Any]
+                  ) -> Mapping[str, Any]:
+        """The reading without the energy registers it did not read itself.
+
+        The poller's latest values merge each read into the ones before, so a slow point not
+        read this time (energy registers: once a minute) still has the value read then: fed
+        with every later reading's time, a register would seem to stand still and then jump,
+        each boundary would take it at the wrong moment, and the theft detectors would see a
+        register that stops and races. A point not read again is the very object it was
+        (a read decodes new ones); a register asked for after a boundary is read in the next
+        reading."""
+        prev = self._values.get(name)
+        self._values[name] = values
+        asked = name in self._asking
+        self._asking.discard(name)
+        if prev is None or asked:
+            return values
+        stale = {p for p in points.slow if p in values and values[p] is prev.get(p)}
+        return {k: v for k, v in values.items() if k not in stale} if stale else values
 
     def _commit(self, records: list[Record], now: float, mono: float) -> None:
         db = self.file.db

@@ -159,9 +159,6 @@ def test_a_coarse_register_at_a_low_load_with_its_digit_raises_nothing() -> None
     assert sum(x["import_kwh"] for x in office) == pytest.approx(0.3 * 4, abs=0.15)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lmt.agent.ledger.ledger_config leaves MeterSpec.resolution_kwh at 0.01 kWh for every "
-    "profile: the EM24's 0.1 kWh register looks like runaway and stopped at low loads"))
 def test_a_coarse_register_at_a_low_load_as_the_agent_configures_it_raises_nothing() -> None:
     sim = SimLedger(small_loads(), main="main-meter", meters=SMALL, t0=T0, step_s=STEP_S)
     sim.run_until(T0 + 4 * HOUR)
