@@ -41,7 +41,7 @@ def shipped() -> FactorTable:
 
 # -- the shipped file ------------------------------------------------------------------------------
 
-# shared/domain/ledger.md, "Grid emission factors" (MEE/NBS, 2022 data, published 2024-12-20)
+# the domain notes on the energy ledger, "Grid emission factors" (MEE/NBS, 2022 data, published 2024-12-20)
 LEDGER = [
     (2022, "national", "CN", 0.5366), (2021, "national", "CN", 0.5568),
     (2022, "national_excl_market_nonfossil", "CN", 0.5856), (2022, "fossil", "CN", 0.8325),
