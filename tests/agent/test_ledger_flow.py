@@ -260,13 +260,15 @@ def _once_per_start(rig: Rig, meter: str) -> list[dict[str, Any]]:
 
 def _energy_matches_register(rig: Rig, meter: str, intervals: list[dict[str, Any]]
                              ) -> list[dict[str, Any]]:
-    """Each whole interval's import (those after the agent's first reading) is the register's
-    difference across its boundaries, within a digit; so is their sum. The first, partial
-    interval is flagged gap."""
+    """Each whole interval's import (those after the one of the agent's first reading) is the
+    register's difference across its boundaries, within a digit; so is their sum. The first,
+    partial interval is flagged gap."""
     regs = rig.registers()
-    started = rig.timeline.marks["started"]
-    first, whole = intervals[0], [r for r in intervals if r["start"] > started]
-    assert first["start"] < started and "gap" in first["flags"]
+    # the first interval is the one of the agent's first reading (which comes a moment after
+    # the process starts, maybe after a boundary): read only from then on
+    first, whole = intervals[0], intervals[1:]
+    assert first["end"] > rig.timeline.marks["started"]
+    assert "gap" in first["flags"] and first["coverage"] < 1
     assert len(whole) >= 2, whole
     for r in whole:
         expected = regs.at(meter, r["end"]) - regs.at(meter, r["start"])
