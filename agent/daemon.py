@@ -37,7 +37,7 @@ from .commands import BUDGET_SHARE, Intake, LedgerRequest
 from .degraded import RETRY_S, start_degraded, take_up
 from .derive import load_state, supervisor_config
 from .devices import build_devices
-from .ledger import LedgerRunner
+from .ledger import LedgerRunner, LedgerSize
 from .messages import Status, validate_body
 from .mqtt import MqttLink, Topics
 from .outbox import Outbox
@@ -73,11 +73,14 @@ class Agent:
         try:
             self.file = BufferFile(cfg.buffer.path)
             try:
-                self.outbox = Outbox(self.file, max_mb=cfg.buffer.max_mb)
+                self.ledger_size: LedgerSize | None = LedgerSize(self.file)
+                self.outbox = Outbox(self.file, max_mb=cfg.buffer.max_mb,
+                                     exempt_bytes=self.ledger_size)
             except BaseException:
                 self.file.close()
                 raise
         except BufferUnwritable as exc:  # the disk is full: control goes on, in memory
+            self.ledger_size = None
             self.file, self.outbox = start_degraded(cfg.buffer.path, cfg.buffer.max_mb,
                                                     str(exc), clock())
         self.store = StateStore(self.file)
@@ -89,7 +92,7 @@ class Agent:
         self.control = supervisor_config(cfg)
         self.ledger = LedgerRunner(cfg, {n: d.profile for n, d in self.devices.items()},
                                    self.file, self.outbox, self.store, str(self.session),
-                                   self.append) if cfg.ledger_meters() else None
+                                   self.append, self.ledger_size) if cfg.ledger_meters() else None
         self._ledger_failed: str | None = None
         self.state: SupervisorState = load_state(self.store, self.control, clock())
         main = self.devices[cfg.control.main_meter].profile
@@ -308,7 +311,10 @@ class Agent:
             if got is not None:  # the disk has room again: the buffer file takes over
                 self.file, self.outbox = got
                 self.store = self.intake.store = StateStore(self.file)
+                self.ledger_size = LedgerSize(self.file)
+                self.outbox.exempt_bytes = self.ledger_size
                 if self.ledger is not None:
+                    self.ledger.size = self.ledger_size
                     self.ledger.bind(self.file, self.outbox, self.store)
                 self._saved = None
                 if self.syncer is not None:

@@ -24,7 +24,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +59,10 @@ class Outbox:
     stores."""
 
     def __init__(self, file: BufferFile, max_mb: float = DEFAULT_MAX_MB,
-                 owns_file: bool = False) -> None:
+                 owns_file: bool = False, exempt_bytes: Callable[[], int] | None = None
+                 ) -> None:
         self.file = file
+        self.exempt_bytes = exempt_bytes
         self.db = file.db
         self.path = file.path
         self.max_bytes = int(max_mb * 1024 * 1024)
@@ -344,10 +346,13 @@ class Outbox:
         return int(sum(n + ROW_OVERHEAD for n in lengths) * 1.15)
 
     def _live_bytes(self) -> int:
-        """Bytes of the pages in use: what the file needs (free pages are reused)."""
+        """Bytes of the pages in use: what the file needs (free pages are reused), less what
+        the tables of others sharing the file take (``exempt_bytes``: the energy ledger's
+        intervals, sized by their own retention, never by this cap)."""
         pages = self.db.execute("PRAGMA page_count").fetchone()[0]
         free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
-        return int(pages - free) * self.page_size
+        exempt = self.exempt_bytes() if self.exempt_bytes is not None else 0
+        return max(0, int(pages - free) * self.page_size - exempt)
 
     def _file_bytes(self) -> int:
         return int(self.db.execute("PRAGMA page_count").fetchone()[0]) * self.page_size

@@ -8,7 +8,8 @@ What it keeps (table ``state``: key -> JSON text, and two tables of its own):
   every cycle's actions are carried out (persist, then actuate);
 - ``ledger``: the energy ledger's state (:class:`lmt.analytics.ledger.LedgerState`): each
   ledger meter's open and unfinished intervals, registers, demand window and month maximum,
-  bills so far, detectors; saved with every interval written and at least once a minute
+  bills so far, detectors; saved with every interval written and at least every
+  ``ledger.save_every_s``
   (:mod:`lmt.agent.ledger`);
 - the command ids already seen (table ``seen_commands``): a replayed command is refused, also
   after a restart;

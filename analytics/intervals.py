@@ -43,7 +43,6 @@ Pure: no clock is read, state is a value (:class:`MeterLedger`, JSON through ``t
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -505,21 +504,28 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def _shallow(x: Any) -> Any:
+    """A shallow copy of a (non-slots) dataclass instance, a quarter of ``copy.copy``'s cost."""
+    c = x.__class__.__new__(x.__class__)
+    c.__dict__.update(x.__dict__)
+    return c
+
+
 def _copy_acc(a: Acc) -> Acc:
-    c = copy.copy(a)
+    c: Acc = _shallow(a)
     c.vi, c.flags = list(a.vi), list(a.flags)
     return c
 
 
 def _copy_reg(r: Register) -> Register:
-    c = copy.copy(r)
+    c: Register = _shallow(r)
     c.flags = list(r.flags)
     return c
 
 
 def _copy(st: MeterLedger) -> MeterLedger:
     """A copy sharing nothing mutable with ``st`` (cheaper than ``copy.deepcopy``)."""
-    c = copy.copy(st)
+    c: MeterLedger = _shallow(st)
     c.imp, c.exp = _copy_reg(st.imp), _copy_reg(st.exp)
     c.open = None if st.open is None else _copy_acc(st.open)
     c.pending = [_copy_acc(a) for a in st.pending]

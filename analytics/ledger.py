@@ -24,6 +24,7 @@ What a reading goes through:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -48,7 +49,8 @@ from .tariff import (
 from .theft import TheftConfig, TheftState
 from .theft import step as step_theft
 
-__all__ = ["LedgerConfig", "LedgerState", "Record", "bills_so_far", "feed", "running_yuan",
+__all__ = ["LedgerConfig", "LedgerState", "Record", "bills_so_far", "feed", "feed_cycle",
+           "running_yuan",
            "set_curve", "set_tariff", "tariff_book"]
 
 Stream = Literal["intervals", "bills", "events"]
@@ -80,6 +82,7 @@ class LedgerConfig:
         object.__setattr__(self, "_by_name", {m.name: m for m in self.meters})
         object.__setattr__(self, "_book", None if self.tariff is None
                            else TariffBook(((0.0, self.tariff),)))
+        object.__setattr__(self, "_prices", {})  # the price of a half-hour slot, by tariff
         # each meter's detectors know its register's range (a rollover is not a decrease) and
         # its digit (a register of 0.1 kWh steps by 0.1 at once: neither runaway nor stopped)
         object.__setattr__(self, "_theft", {} if self.theft is None else {
@@ -125,16 +128,25 @@ def tariff_book(cfg: LedgerConfig, state: LedgerState) -> TariffBook | None:
     return book
 
 
-_BOOKS: dict[str, TariffBook] = {}  # decoded books by their JSON: decoded once, not per interval
+# Decoded books, by the identity of the state's dict (the same object from cycle to cycle; a
+# command or a restart makes a new one) and then by its JSON: decoded once, not per reading.
+_BOOKS_BY_ID: dict[int, tuple[Any, TariffBook]] = {}
+_BOOKS: dict[str, TariffBook] = {}
 
 
 def _book(data: Any) -> TariffBook:
+    got = _BOOKS_BY_ID.get(id(data))
+    if got is not None and got[0] is data:
+        return got[1]
     key = json.dumps(data, sort_keys=True)
     book = _BOOKS.get(key)
     if book is None:
         if len(_BOOKS) > 16:
             _BOOKS.clear()
         book = _BOOKS[key] = TariffBook.from_dict(data)
+    if len(_BOOKS_BY_ID) > 16:
+        _BOOKS_BY_ID.clear()
+    _BOOKS_BY_ID[id(data)] = (data, book)
     return book
 
 
@@ -155,9 +167,10 @@ def set_curve(state: LedgerState, data: Any) -> LedgerState:
 
 
 def _with(state: LedgerState, **changes: Any) -> LedgerState:
-    new = LedgerState(**{k: getattr(state, k) for k in state.__dataclass_fields__})
-    for k, v in changes.items():
-        setattr(new, k, v)
+    """A shallow copy of ``state`` with ``changes``."""
+    new = LedgerState.__new__(LedgerState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
     return new
 
 
@@ -166,26 +179,39 @@ def _with(state: LedgerState, **changes: Any) -> LedgerState:
 def feed(cfg: LedgerConfig, state: LedgerState, meter: str, sample: Sample, session: str
          ) -> tuple[LedgerState, list[Record]]:
     """A reading of ``meter`` in: the new state (the input is not changed) and the records."""
-    spec = cfg.meter(meter)
-    ml, bodies = feed_intervals(cfg.intervals, spec, state.meters.get(meter) or MeterLedger(),
-                                sample, session)
-    new = _with(state, meters={**state.meters, meter: ml})
+    return feed_cycle(cfg, state, ((meter, sample),), session)
+
+
+def feed_cycle(cfg: LedgerConfig, state: LedgerState, readings: Sequence[tuple[str, Sample]],
+               session: str) -> tuple[LedgerState, list[Record]]:
+    """A cycle's readings (meter, sample), in order: the new state (the input is not changed)
+    and the records. The same as feeding them one by one, with the state copied once."""
+    new = _with(state, meters=dict(state.meters))
+    theft_meters = dict(state.theft.meters)
     records: list[Record] = []
-    for body in bodies:
-        _price(cfg, new, body)
-        records.append(Record("intervals", body))
+    thefts: dict[str, TheftConfig] = cfg.__dict__["_theft"]
+    for meter, sample in readings:
+        spec = cfg.meter(meter)
+        ml, bodies = feed_intervals(cfg.intervals, spec, new.meters.get(meter) or MeterLedger(),
+                                    sample, session)
+        new.meters[meter] = ml
+        for body in bodies:
+            _price(cfg, new, body)
+            records.append(Record("intervals", body))
+            if meter == cfg.billing_meter:
+                records += _bill(cfg, new, body)
+            records += _losses(cfg, new, meter, body)
         if meter == cfg.billing_meter:
-            records += _bill(cfg, new, body)
-        records += _losses(cfg, new, meter, body)
-    if meter == cfg.billing_meter:
-        new.running_yuan = max(new.running_yuan, _running(cfg, new, sample.t))
-    tc: TheftConfig | None = cfg.__dict__["_theft"].get(meter)
-    if tc is not None:
-        theft, events = step_theft(tc, state.theft, meter, sample)
-        if theft is not state.theft:
-            new.theft = theft
-        records += [Record("events", {"ts": sample.t, "type": e["type"], "data": e["data"]})
-                    for e in events]
+            new.running_yuan = max(new.running_yuan, _running(cfg, new, sample.t))
+        tc = thefts.get(meter)
+        if tc is not None:
+            old = theft_meters.get(meter)
+            one, events = step_theft(tc, TheftState({} if old is None else {meter: old}), meter,
+                                     sample)
+            theft_meters[meter] = one.meters[meter]
+            records += [Record("events", {"ts": sample.t, "type": e["type"], "data": e["data"]})
+                        for e in events]
+    new.theft = TheftState(theft_meters)
     return new, records
 
 
@@ -198,8 +224,22 @@ def _running(cfg: LedgerConfig, state: LedgerState, t: float) -> float:
     if ml is None or tariff is None or cfg.calendar is None:
         return state.spent_yuan
     since = max(0.0, ml.e_imp - ml.imp.anchor_e)
-    return state.spent_yuan + since * price_of(tariff, period_at(tariff, cfg.calendar, t,
-                                                                 cfg.utc_offset_s))
+    return state.spent_yuan + since * _price_at(cfg, tariff, t)
+
+
+def _price_at(cfg: LedgerConfig, tariff: Tariff, t: float) -> float:
+    """The price of ``t``'s half-hour slot (remembered per slot: asked every reading)."""
+    assert cfg.calendar is not None
+    cache: dict[tuple[int, int], tuple[Tariff, float]] = cfg.__dict__["_prices"]
+    key = (id(tariff), int((t + cfg.utc_offset_s) // 1800))
+    got = cache.get(key)
+    if got is not None and got[0] is tariff:  # (the entry keeps its tariff: no id reused)
+        return got[1]
+    if len(cache) > 64:
+        cache.clear()
+    price = price_of(tariff, period_at(tariff, cfg.calendar, t, cfg.utc_offset_s))
+    cache[key] = (tariff, price)
+    return price
 
 
 def running_yuan(state: LedgerState) -> float:

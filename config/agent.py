@@ -486,6 +486,11 @@ class Ledger(_Strict):
     demand_minutes: IntervalMinutes = 15
     demand_mode: Literal["block", "sliding"] = "block"
     keep_days: int = Field(default=400, ge=1, description="interval records kept on site")
+    save_every_s: float = Field(default=300.0, ge=1,
+                                description="the ledger's state is saved with every interval "
+                                            "written and at least this often: a crash loses "
+                                            "at most this much of the open intervals' "
+                                            "statistics (never their register energy)")
     register_wait_s: float = Field(default=900.0, gt=0,
                                    description="a boundary with no register reading this long "
                                                "after it is estimated from the power")
