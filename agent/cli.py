@@ -167,28 +167,12 @@ def _command_body(args: argparse.Namespace) -> dict:
                             duration_half_hours=args.half_hours, auto_after_h=args.auto_after,
                             **common)
     if args.kind == "tariff":
+        start = args.effective_from if args.effective_from is not None else time.time()
         return command_body("tariff", args.terminal, tariff=_tariff_payload(args),
-                            effective_from=_when(args.effective_from, args.action), **common)
+                            effective_from=round(start, 3), **common)
     if args.kind == "carbon_curve":
         return command_body("carbon_curve", args.terminal, curve=_curve_payload(args), **common)
     return command_body("cancel", args.terminal, target=args.target, **common)
-
-
-def _when(text: str | None, action: str) -> float:
-    """Unix seconds, or an ISO 8601 time (with its offset; without one: this machine's)."""
-    if text is None:
-        return round(time.time(), 3)
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise SystemExit(f"lmt platform {action}: --from: expected unix seconds or an ISO 8601 "
-                         f"time such as 2026-07-01T00:00+08:00, got {text!r}") from None
 
 
 def _data_file(path: str, action: str) -> dict[str, Any]:
@@ -616,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
         ta.add_argument("--file", required=True, metavar="TARIFF",
                         help="a tariff file (.toml or .json) or a shipped tariff id, e.g. "
                              "jiangsu-2025-two-part")
-        ta.add_argument("--from", dest="effective_from", metavar="TIME",
+        ta.add_argument("--from", dest="effective_from", metavar="TIME", type=parse_time,
                         help="price the intervals starting then or later: unix seconds or ISO "
                              "8601 (default: now)")
         ta.add_argument("--unchecked", action="store_true",
