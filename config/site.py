@@ -112,6 +112,16 @@ class CtShunt(_Strict):
                         description="fraction of the phase's true current the meter sees")
 
 
+class PtLoss(_Strict):
+    """A disconnected or reduced voltage input (失压法窃电: the meter's voltage link opened): the
+    meter sees ``seen`` of the phase's voltage, and so of its power; the current reads
+    normally."""
+
+    phase: Phase
+    seen: float = Field(default=0.0, ge=0, lt=1,
+                        description="fraction of the phase's true voltage the meter sees")
+
+
 class Tamper(_Strict):
     """Energy-ledger signatures a meter shows (theft, tamper, a broken register)."""
 
@@ -119,6 +129,11 @@ class Tamper(_Strict):
     ct_reversed: Phase | None = Field(default=None,
                                       description="one phase's CT reversed: its power reads "
                                                   "negative")
+    pt_loss: PtLoss | None = Field(default=None,
+                                   description="one phase's voltage input lost or reduced")
+    phase_break: Phase | None = Field(default=None,
+                                      description="one phase lost at the meter (断相): neither "
+                                                  "voltage nor current on it")
     registers: Literal["counting", "stopped", "decreasing"] = Field(
         default="counting", description="stopped: the energy registers stand still; decreasing: "
                                         "they count down")

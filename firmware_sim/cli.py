@@ -74,13 +74,19 @@ signatures ([devices.tamper]; each meter's registers count what it shows):
   ct_reversed      "l3": that phase's power and current read negative (its
                    energy goes to the phase's export register; the totals
                    count the algebraic sum of the phases)
+  pt_loss          {phase = "l1", seen = 0.0}: its voltage input on that phase
+                   lost (seen 0-1, default 0): that phase's voltage and power
+                   read x seen, its current as it is (a loss-of-voltage event)
+  phase_break      "l2": that phase lost at the meter: 0 V, 0 A, 0 W on it
+                   (the site's load is unchanged: the other meters see it)
   registers        "counting" (default), "stopped" or "decreasing"
 events ([devices.events], DL/T 645 event counts at start, 0-999999):
   cover_open, terminal_cover_open, magnetic_field, voltage_loss,
-  current_loss_l1..l3, reverse_flow_l1..l3 (a reversed CT, or a shunt under
-  5 %, that starts adds one)
+  current_loss_l1..l3, reverse_flow_l1..l3 (a reversed CT, a shunt under
+  5 % or a pt_loss under 78 % that starts adds one)
 While running:
   python -m lmt.firmware_sim.control N '{"device": "meter-b", "tamper": {"ct_reversed": "l3"}}'
+  python -m lmt.firmware_sim.control N '{"device": "meter-b", "tamper": {"phase_break": "l2"}}'
   python -m lmt.firmware_sim.control N '{"device": "meter-b", "event": "cover_open"}'
   python -m lmt.firmware_sim.control N '{"device": "meter-a", "register_jump_kwh": -500}'
   python -m lmt.firmware_sim.control N '{"site": {"unmetered_kw": 5.0}}'

@@ -10,7 +10,10 @@ Every configured device is a meter with a scope (``[devices.metering]``): a main
 the whole site (the default), a sub-meter only its loads, its share of the base load and, if it
 says so, the EV charging point; the unmetered load (``site.unmetered_kw``) is seen by whole-site
 meters only. A meter shows what its tamper signatures (``[devices.tamper]``) let it see: a
-shunted CT reads a fraction of its phase, a reversed CT reads its phase negative. Each meter has
+shunted CT reads a fraction of its phase, a reversed CT reads its phase negative, a lost voltage
+input (``pt_loss``) a fraction of its phase's voltage and so of its power (the current as it
+is), a broken phase (``phase_break``) nothing at all on it; the site's load is the same in every
+case (a signature is what one meter sees, not a change of the site). Each meter has
 its own energy registers (import and export, total and per phase), integrated from what that
 meter reports, trapezoid between samples: per phase by the phase's direction, the totals by the
 sign of the algebraic sum of the phases (as DL/T 645 and most three-phase meters count).
@@ -105,6 +108,10 @@ EV_START_ENERGY_KWH = 4321.0
 #: current event (DL/T 645 失流: voltage present, the phase's current below the meter's
 #: threshold while the others carry load).
 CURRENT_LOSS_SEEN = 0.05
+
+#: A lost voltage input that leaves the meter less than this share of its phase's voltage starts a
+#: loss of voltage event (DL/T 614-2007 3.2 失压: the voltage below 78 % of the nominal).
+VOLTAGE_LOSS_SEEN = 0.78
 
 #: Names a master may write (:meth:`SitePhysics.write_point`).
 WRITABLE: tuple[str, ...] = ("ev_setpoint_a",)
@@ -370,7 +377,10 @@ class SitePhysics:
         """Replace the signatures of ``device``. With ``t``, energy is integrated up to ``t`` as
         the meter saw it before, and from ``t`` on as it sees it now. A reversed CT that starts
         counts a reverse-flow event of its phase, a shunt that leaves less than
-        :data:`CURRENT_LOSS_SEEN` of the current a loss-of-current event."""
+        :data:`CURRENT_LOSS_SEEN` of the current a loss-of-current event, a lost voltage input
+        that leaves less than :data:`VOLTAGE_LOSS_SEEN` of the voltage a loss-of-voltage event
+        (``voltage_loss``, the meter's total count). A phase break counts nothing (the
+        profiles serve no phase-break counter)."""
         m = self._meter(device)
         if t is not None:
             self._integrate(t)
@@ -388,6 +398,12 @@ class SitePhysics:
             before = old.ct_shunt
             if before is None or before.phase != shunt.phase or before.seen >= CURRENT_LOSS_SEEN:
                 m.count(f"current_loss_{shunt.phase}")
+        pt = tamper.pt_loss
+        if pt is not None and pt.seen < VOLTAGE_LOSS_SEEN:
+            before_pt = old.pt_loss
+            if before_pt is None or before_pt.phase != pt.phase \
+                    or before_pt.seen >= VOLTAGE_LOSS_SEEN:
+                m.count("voltage_loss")
         m.tamper = tamper
 
     def events(self, device: str) -> dict[str, int]:
@@ -483,16 +499,38 @@ class SitePhysics:
         p2 = shared_w * self._shares[1] + ev[1]
         return (p1, p2, total_w - p1 - p2)
 
-    def _reported_w(self, t: float, m: _Meter) -> tuple[float, float, float]:
-        """Active power per phase as meter ``m`` reports it at ``t``: its scope, tampered."""
+    def _current_w(self, t: float, m: _Meter) -> list[float]:
+        """Active power per phase at the true voltage and the current meter ``m`` sees at ``t``
+        (``V * I_seen * PF``): its scope, its CT signatures and a broken phase applied."""
         p = list(self._scope_phase_w(t, m.scope))
-        shunt, reversed_ct = m.tamper.ct_shunt, m.tamper.ct_reversed
-        if shunt is not None:
-            p[PHASES.index(shunt.phase)] *= shunt.seen
-        if reversed_ct is not None:
-            i = PHASES.index(reversed_ct)
+        tamper = m.tamper
+        if tamper.ct_shunt is not None:
+            p[PHASES.index(tamper.ct_shunt.phase)] *= tamper.ct_shunt.seen
+        if tamper.ct_reversed is not None:
+            i = PHASES.index(tamper.ct_reversed)
             p[i] = -p[i]
-        return (p[0], p[1], p[2])
+        if tamper.phase_break is not None:
+            p[PHASES.index(tamper.phase_break)] = 0.0
+        return p
+
+    @staticmethod
+    def _voltage_seen(m: _Meter) -> tuple[float, float, float]:
+        """The share of each phase's voltage meter ``m`` sees: ``pt_loss.seen`` on its phase, 0
+        on a broken phase, 1 elsewhere."""
+        seen = [1.0, 1.0, 1.0]
+        tamper = m.tamper
+        if tamper.pt_loss is not None:
+            seen[PHASES.index(tamper.pt_loss.phase)] = tamper.pt_loss.seen
+        if tamper.phase_break is not None:
+            seen[PHASES.index(tamper.phase_break)] = 0.0
+        return (seen[0], seen[1], seen[2])
+
+    def _reported_w(self, t: float, m: _Meter) -> tuple[float, float, float]:
+        """Active power per phase as meter ``m`` reports it at ``t``: its scope, tampered (``P =
+        V_seen * I_seen * PF``; its registers integrate this)."""
+        p = self._current_w(t, m)
+        v = self._voltage_seen(m)
+        return (p[0] * v[0], p[1] * v[1], p[2] * v[2])
 
     def power_kw(self, t: float, device: str | None = None) -> float:
         """Total active power at ``t`` as ``device`` reports it (None: the whole site: base load,
@@ -541,8 +579,11 @@ class SitePhysics:
         energy as of the last sample; does not advance energy."""
         s = self.site
         m = self._meter(device)
-        phase_w = self._reported_w(t, m)
-        voltages = self._voltages(t)
+        current_w = self._current_w(t, m)  # at the true voltage: gives the current it sees
+        true_v = self._voltages(t)
+        seen_v = self._voltage_seen(m)
+        voltages = (true_v[0] * seen_v[0], true_v[1] * seen_v[1], true_v[2] * seen_v[2])
+        phase_w = (current_w[0] * seen_v[0], current_w[1] * seen_v[1], current_w[2] * seen_v[2])
         _, _, freq_noise = self._noise_at(t)
         pf = s.power_factor
         q_per_p = math.sqrt(max(0.0, 1.0 / (pf * pf) - 1.0))  # Q / P at this power factor
@@ -552,7 +593,8 @@ class SitePhysics:
         for i, ph in enumerate(PHASES):
             v, p = voltages[i], phase_w[i]
             out[f"voltage_{ph}_v"] = v
-            out[f"current_{ph}_a"] = p / (v * pf)  # signed: a reversed CT reads negative
+            # signed: a reversed CT reads negative; a lost voltage input leaves it as it is
+            out[f"current_{ph}_a"] = current_w[i] / (true_v[i] * pf)
             out[f"power_{ph}_w"] = p
             out[f"reactive_power_{ph}_var"] = p * q_per_p
             out[f"apparent_power_{ph}_va"] = abs(p) / pf

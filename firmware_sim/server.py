@@ -921,12 +921,17 @@ async def run_site(path: Path | str, port_override: int | None = None,
 
 
 def describe_tamper(tamper: Tamper) -> str:
-    """``ct_shunt l2 (2 % seen), ct_reversed l3, registers stopped``, or ``none``."""
+    """``ct_shunt l2 (2 % seen), ct_reversed l3, pt_loss l1 (0 % seen), phase_break l2,
+    registers stopped``, or ``none``."""
     parts = []
     if tamper.ct_shunt is not None:
         parts.append(f"ct_shunt {tamper.ct_shunt.phase} ({tamper.ct_shunt.seen:.0%} seen)")
     if tamper.ct_reversed is not None:
         parts.append(f"ct_reversed {tamper.ct_reversed}")
+    if tamper.pt_loss is not None:
+        parts.append(f"pt_loss {tamper.pt_loss.phase} ({tamper.pt_loss.seen:.0%} seen)")
+    if tamper.phase_break is not None:
+        parts.append(f"phase_break {tamper.phase_break}")
     if tamper.registers != "counting":
         parts.append(f"registers {tamper.registers}")
     return ", ".join(parts) or "none"

@@ -13,12 +13,11 @@ site exactly — ``sub-a`` (SDM630: the chiller and 60 % of the base load) and `
 DL/T 645 meter, BCD registers and event counters: the heater, 40 % of the base load and the
 EV charging point) — in one loss group. Every test also checks that nothing else was raised.
 
-Loss of voltage and phase break: the physics keeps every phase at its nominal voltage
-(± 0.3 %): no signature lowers a phase voltage, so the ``voltage_loss`` and ``phase_loss``
-detectors cannot be driven from it (their rules are tested on hand-made samples in
-``test_theft.py``). What the physics can show is the meter's own loss-of-voltage counter
-(DL/T 645 失压总次数), tested below; ``test_the_physics_has_no_voltage_signature`` fails once
-the simulator gains one, to be tested here then.
+Loss of voltage and phase break come from the meter's ``pt_loss`` (its voltage input on a phase
+reduced: voltage and power × ``seen``, the current as it is) and ``phase_break`` (neither
+voltage nor current on a phase at that meter; the site's load, and so the main meter, unchanged)
+signatures. Each also shows as a voltage imbalance (and a phase break as a current imbalance:
+the broken phase carries nothing), which is asserted with it.
 """
 
 from __future__ import annotations
@@ -31,8 +30,15 @@ from typing import Literal
 
 import pytest
 
-from lmt.analytics.theft import CtBypassRule, RegisterStoppedRule, ReversePowerRule
-from lmt.config.site import CtShunt, SiteConfig, Tamper
+from lmt.analytics.theft import (
+    CtBypassRule,
+    ImbalanceRule,
+    PhaseLossRule,
+    RegisterStoppedRule,
+    ReversePowerRule,
+    VoltageLossRule,
+)
+from lmt.config.site import CtShunt, PtLoss, SiteConfig, Tamper
 from tests.analytics.simsite import Kept, SimLedger, indicators, local_midnight
 
 T0 = local_midnight(date(2026, 7, 15))  # a Wednesday, local midnight (an interval boundary)
@@ -41,6 +47,8 @@ SLOW_S = 60.0  # the registers' and counters' poll interval
 INTERVAL_S = 900.0
 DELAY_S = 60.0  # the phase detectors' delay and clear delay (the meter's 60 s)
 assert CtBypassRule().delay_s == ReversePowerRule().delay_s == DELAY_S
+assert VoltageLossRule().delay_s == VoltageLossRule().clear_delay_s == DELAY_S
+assert PhaseLossRule().delay_s == PhaseLossRule().clear_delay_s == ImbalanceRule().delay_s == DELAY_S
 STOPPED_S = RegisterStoppedRule().delay_s  # 900 s
 DECREASE_CLEAR_S = 900.0  # register_decreased: cleared after 900 s of reads that do not go down
 RAISE_AFTER, CLEAR_AFTER = 3, 2  # the loss group's N and M (not the defaults 2 and 2)
@@ -102,7 +110,8 @@ ON = T0 + 2 * INTERVAL_S + 10.0  # 10 s into an interval
 OFF = T0 + 5 * INTERVAL_S  # on a boundary
 
 
-def run(start: Callable[[SimLedger, float], None], stop: Callable[[SimLedger, float], None] | None,
+def run(start: Callable[[SimLedger, float], object],
+        stop: Callable[[SimLedger, float], object] | None,
         *, on: float = ON, hold_s: float = OFF - ON, after_s: float = 2400.0,
         config: SiteConfig | None = None) -> Run:
     """Run the clean site until ``on``, start the signature there (at that step's time, as the
@@ -225,6 +234,66 @@ def test_reversed_wiring_on_one_phase(device: str, phase: Literal["l1", "l2", "l
     assert_loss_raised_and_cleared(r, pct=pct)
     assert r.one("theft_indicator_cleared", "reverse_power", device).t == r.off + STEP_S + DELAY_S
     assert len(r.sim.events()) == expected
+
+
+def test_a_lost_voltage_input_on_one_phase() -> None:
+    # 失压法窃电: sub-b's L1 voltage link half open (seen 0.5): it reads 115 V of 230 on L1 and,
+    # as it computes P = V I PF, half of L1's power, while L1's current flows as before
+    r = run(tamper("sub-b", Tamper(pt_loss=PtLoss(phase="l1", seen=0.5))),
+            tamper("sub-b", Tamper()))
+    first = r.on + STEP_S  # the first reading that shows it
+    lost = r.one("theft_indicator", "voltage_loss", "sub-b")
+    data = lost.record.body["data"]
+    assert (data["phase"], data["erc"]) == ("l1", "ERC10")
+    assert_raised_at_delay(r, lost, DELAY_S, first)  # 65 s after the link was opened
+    readings = data["readings"]
+    assert 114.5 < readings["voltage_v"]["l1"] < 115.7  # 78 % of 230: 179.4 V
+    assert readings["voltage_v"]["l2"] > 228.0 and readings["current_a"]["l1"] > 20.0
+    # the phases' voltages unbalanced by half (limit 30 %): raised with it
+    imbalance = r.one("theft_indicator", "voltage_imbalance", "sub-b")
+    assert_raised_at_delay(r, imbalance, DELAY_S, first)
+    assert imbalance.record.body["data"]["readings"]["unbalance"] == pytest.approx(0.5, abs=0.01)
+    # the meter's own loss-of-voltage counter (DL/T 645 10000001), at its next read
+    counter = r.one("theft_indicator", "meter_event", "sub-b")
+    assert counter.record.body["data"]["readings"]["counter"] == "voltage_loss"
+    assert counter.record.body["data"]["erc"] == "ERC10"
+    assert counter.t == reads_after(r.on)[0]
+    # sub-b misses half of L1 (3 kW of the site's 45: 6.7 %, limit 5 %)
+    assert_loss_raised_and_cleared(r, pct=(5.5, 8.0))
+    # gone at OFF: the voltage is back at the next reading, cleared 60 s later
+    for ind in ("voltage_loss", "voltage_imbalance"):
+        assert r.one("theft_indicator_cleared", ind, "sub-b").t == r.off + STEP_S + DELAY_S
+    assert r.of("theft_indicator", "phase_loss") == r.of("theft_indicator", "ct_bypass") == []
+    assert r.of("theft_indicator", "current_imbalance") == []  # the current is as it was
+    assert len(r.sim.events()) == 7  # nothing else
+
+
+@pytest.mark.parametrize(("device", "phase", "pct"), [("sub-a", "l2", (17.0, 22.0)),
+                                                      ("sub-b", "l3", (11.0, 16.0))])
+def test_a_broken_phase(device: str, phase: Literal["l1", "l2", "l3"],
+                        pct: tuple[float, float]) -> None:
+    # 断相 at the meter: neither voltage nor current on one phase (the SDM630's float32 and the
+    # DL/T 645 meter's BCD alike) while the others carry load
+    r = run(tamper(device, Tamper(phase_break=phase)), tamper(device, Tamper()))
+    first = r.on + STEP_S
+    broken = r.one("theft_indicator", "phase_loss", device)
+    data = broken.record.body["data"]
+    assert (data["phase"], data["erc"]) == (phase, "ERC10")
+    assert_raised_at_delay(r, broken, DELAY_S, first)  # 65 s after the break
+    readings = data["readings"]
+    assert readings["voltage_v"][phase] == 0.0 and readings["current_a"][phase] == 0.0
+    assert max(readings["current_a"].values()) > 10.0
+    # a dead phase unbalances both the voltages and the currents (100 %): raised with it; no
+    # ct_bypass (its voltage is gone: that detector cannot judge) and no loss of voltage (no
+    # current)
+    for ind in ("voltage_imbalance", "current_imbalance"):
+        assert_raised_at_delay(r, r.one("theft_indicator", ind, device), DELAY_S, first)
+    assert r.of("theft_indicator", "ct_bypass") == r.of("theft_indicator", "voltage_loss") == []
+    # the site's load is unchanged (the main meter still sees the phase): the group loses it
+    assert_loss_raised_and_cleared(r, pct=pct)
+    for ind in ("phase_loss", "voltage_imbalance", "current_imbalance"):
+        assert r.one("theft_indicator_cleared", ind, device).t == r.off + STEP_S + DELAY_S
+    assert len(r.sim.events()) == 8  # nothing else: no meter counter either
 
 
 # -- losses ------------------------------------------------------------------------------------
@@ -353,7 +422,8 @@ def test_the_meter_cover_opened() -> None:
 
 
 def test_the_meters_own_loss_of_voltage_counter() -> None:
-    # what the physics can show of a loss of voltage: the meter's count of it (10000001)
+    # the meter's loss-of-voltage count (10000001) rising by two with no signature on it (the
+    # control channel's "event"): one meter_event with the increase
     r = run(lambda s, at: s.physics.count_event("sub-b", "voltage_loss", 2), None,
             on=FIRST_OVER + 35.0, hold_s=600.0)
     ev = r.one("theft_indicator", "meter_event", "sub-b")
@@ -362,18 +432,3 @@ def test_the_meters_own_loss_of_voltage_counter() -> None:
     assert ev.record.body["data"]["readings"]["increase"] == 2
     assert ev.t == reads_after(r.on)[0]
     assert len(r.sim.events()) == 1
-
-
-def test_the_physics_has_no_voltage_signature() -> None:
-    # the signatures the simulator has (docs/simulator.md); a voltage one (an opened voltage
-    # link, a blown fuse) would need its own test above
-    assert set(Tamper.model_fields) == {"ct_shunt", "ct_reversed", "registers"}
-    s = sim()
-    s.physics.set_tamper("sub-b", Tamper(ct_shunt=CtShunt(phase="l1", seen=0.0), ct_reversed="l2",
-                                         registers="stopped"), T0)
-    for t in (T0, T0 + 3600.0, T0 + 7200.0):
-        s.physics.sample(t)
-        for meter in METERS:
-            q = s.physics.quantities(t, meter)
-            for ph in ("l1", "l2", "l3"):
-                assert q[f"voltage_{ph}_v"] == pytest.approx(230.0, rel=0.0031)

@@ -29,6 +29,7 @@ from lmt.config.site import (
     WHOLE_SITE,
     CtShunt,
     Events,
+    PtLoss,
     SiteConfig,
     Tamper,
     event_point,
@@ -172,7 +173,7 @@ def test_the_field_examples_commented_sub_meters_split_the_site() -> None:
     make a valid site whose sub-meters and unmetered load add up to the main meter."""
     text = (EXAMPLES / "field-site.toml").read_text()
     keys = r"\[devices\.(?:metering|tamper|events)\]|loads =|base_share =|ev =|ct_\w+ =|" \
-           r"registers =|cover_open =|unmetered_kw ="
+           r"registers =|pt_loss =|cover_open =|unmetered_kw ="
     config = SiteConfig.model_validate(
         tomllib.loads(re.sub(rf"^# ({keys})", r"\1", text, flags=re.MULTILINE)))
     subs = [d.name for d in config.devices if d.metering != WHOLE_SITE]
@@ -368,6 +369,103 @@ def test_a_reversed_ct_reads_negative_and_counts_a_reverse_flow_event() -> None:
     with_rig(body)
 
 
+def test_a_lost_voltage_input_reads_a_fraction_of_its_voltage_and_power() -> None:
+    async def body(rig: Rig) -> None:
+        # 失压: main-meter's L1 voltage link opened half-way: half of L1's voltage, so of its
+        # power (P = V I PF), while the current reads as it is
+        lost = {"pt_loss": {"phase": "l1", "seen": 0.5}}
+        answer = await rig.control({"device": "main-meter", "tamper": lost})
+        assert answer["tamper"]["pt_loss"] == {"phase": "l1", "seen": 0.5}
+        assert answer["tamper"]["phase_break"] is None
+        q, true = await rig.read("main-meter"), rig.truth()
+        assert q["voltage_l1_v"] == pytest.approx(0.5 * true["voltage_l1_v"], rel=1e-6)
+        assert 114.0 < q["voltage_l1_v"] < 116.0
+        assert q["current_l1_a"] == pytest.approx(true["current_l1_a"], rel=1e-6)
+        assert q["power_l1_w"] == pytest.approx(0.5 * true["power_l1_w"], rel=1e-6)
+        assert q["power_factor_l1"] == pytest.approx(0.95, abs=1e-6)
+        for ph in ("l2", "l3"):
+            for key in (f"voltage_{ph}_v", f"current_{ph}_a", f"power_{ph}_w"):
+                assert q[key] == pytest.approx(true[key], rel=1e-6), key
+        assert q["power_w"] == pytest.approx(true["power_w"] - 0.5 * true["power_l1_w"], rel=1e-6)
+        seen = rig.truth("main-meter")  # reactive and apparent power follow (not in its profile)
+        for key in ("reactive_power_l1_var", "apparent_power_l1_va"):
+            assert seen[key] == pytest.approx(0.5 * true[key], rel=1e-9), key
+        assert seen["voltage_l1_l2_v"] < true["voltage_l1_l2_v"] - 50.0  # the line voltages too
+        # the register counts what the meter sees
+        start = (await rig.read("main-meter", ["import_energy_kwh"]))["import_energy_kwh"]
+        counted = await integrate(rig, "main-meter", 1800)
+        end = (await rig.read("main-meter", ["import_energy_kwh"]))["import_energy_kwh"]
+        assert end - start == pytest.approx(counted, abs=F32_KWH)
+        assert rig.site.physics.import_energy_kwh - start > counted + 2.5  # a sixth not counted
+
+        # the DL/T 645 meter: the voltage input gone (seen 0) counts a loss of voltage (10000001)
+        await rig.control({"device": "utility", "tamper": {"pt_loss": {"phase": "l3"}}})
+        u, true = await rig.read("utility"), rig.truth()
+        assert u["voltage_l3_v"] == 0.0 and u["power_l3_kw"] == 0.0
+        assert u["current_l3_a"] == pytest.approx(true["current_l3_a"], abs=1e-3) and \
+            u["current_l3_a"] > 10.0
+        assert u["voltage_l1_v"] == pytest.approx(true["voltage_l1_v"], abs=0.051)
+        assert u["power_kw"] == pytest.approx((true["power_w"] - true["power_l3_w"]) / 1000,
+                                              abs=2e-4)
+        assert u["event_voltage_loss_count"] == 1
+        # the same again, or a deeper one on its phase, is no new event; moved to another phase
+        # is; a dip the meter does not count as a loss (seen >= 0.78) counts nothing
+        for tamper, count in (({"phase": "l3"}, 1), ({"phase": "l3", "seen": 0.2}, 1),
+                              ({"phase": "l2", "seen": 0.2}, 2), ({"phase": "l2", "seen": 0.8}, 2),
+                              ({"phase": "l2", "seen": 0.5}, 3)):
+            answer = await rig.control({"device": "utility", "tamper": {"pt_loss": tamper}})
+            assert answer["events"]["voltage_loss"] == count, tamper
+        assert (await rig.read("utility", ["event_voltage_loss_count"])) == {
+            "event_voltage_loss_count": 3.0}
+        assert set(rig.site.events("utility").values()) <= {0, 3}  # nothing else counted
+        # and its registers count what it sees
+        u0 = await rig.read("utility", ["import_energy_kwh"])
+        drawn = await integrate(rig, "utility", 3600, step_s=300, point="power_kw", scale=1.0)
+        u1 = await rig.read("utility", ["import_energy_kwh"])
+        assert u1["import_energy_kwh"] - u0["import_energy_kwh"] == pytest.approx(drawn, abs=0.011)
+    with_rig(body)
+
+
+def test_a_broken_phase_reads_nothing_on_it() -> None:
+    async def body(rig: Rig) -> None:
+        # 断相 at sub-a: neither voltage nor current on L2; the site's load is as it was, so
+        # the main meter (and the model's own view) still carries sub-a's L2
+        main0 = await rig.read("main-meter", ["power_w"])
+        answer = await rig.control({"device": "sub-a", "tamper": {"phase_break": "l2"}})
+        assert answer["tamper"]["phase_break"] == "l2"
+        a, true_a = await rig.read("sub-a"), rig.site.physics.quantities(rig.clock.t, "sub-a")
+        assert rig.site.tamper("sub-a").phase_break == "l2"
+        assert a["voltage_l2_v"] == a["current_l2_a"] == a["power_l2_w"] == 0.0
+        for ph in ("l1", "l3"):
+            assert a[f"voltage_{ph}_v"] == pytest.approx(230.0, rel=0.0031)
+            assert a[f"current_{ph}_a"] > 10.0
+            assert a[f"power_{ph}_w"] == pytest.approx(true_a[f"power_{ph}_w"], rel=1e-6)
+        assert a["power_w"] == pytest.approx(true_a["power_l1_w"] + true_a["power_l3_w"], rel=1e-6)
+        assert true_a["apparent_power_l2_va"] == true_a["reactive_power_l2_var"] == 0.0
+        assert true_a["voltage_l1_l2_v"] == pytest.approx(true_a["voltage_l1_v"], rel=1e-12)
+        assert (await rig.read("main-meter", ["power_w"]))["power_w"] == pytest.approx(
+            main0["power_w"], abs=F32_W)
+        # its registers count what it sees: L2's stands still
+        start = await rig.read("sub-a", ["import_energy_kwh"])
+        l2 = rig.site.physics.registers("sub-a")["import_energy_l2_kwh"]
+        counted = await integrate(rig, "sub-a", 1800)
+        end = await rig.read("sub-a", ["import_energy_kwh"])
+        assert end["import_energy_kwh"] - start["import_energy_kwh"] == pytest.approx(
+            counted, abs=F32_KWH)
+        assert rig.site.physics.registers("sub-a")["import_energy_l2_kwh"] == l2
+        # the DL/T 645 meter counts no event for it (its profile has no phase-break counter)
+        answer = await rig.control({"device": "utility", "tamper": {"phase_break": "l1"}})
+        assert set(answer["events"].values()) == {0}
+        u = await rig.read("utility")
+        assert u["voltage_l1_v"] == u["current_l1_a"] == u["power_l1_kw"] == 0.0
+        assert all(u[p] == 0 for p in EVENT_POINTS)
+        # cleared: the phase is back
+        await rig.control({"device": "sub-a", "tamper": {}})
+        a = await rig.read("sub-a", ["voltage_l2_v", "current_l2_a"])
+        assert a["voltage_l2_v"] > 220.0 and a["current_l2_a"] > 10.0
+    with_rig(body)
+
+
 def test_a_stopped_register_a_decreasing_one_and_a_jump_back() -> None:
     async def body(rig: Rig) -> None:
         await rig.control({"device": "main-meter", "tamper": {"registers": "stopped"}})
@@ -428,8 +526,9 @@ def test_event_counts_from_the_site_file_and_the_cover_opened_at_runtime() -> No
 def test_a_signature_in_the_site_file_shows_from_the_start() -> None:
     config = site_config(
         site={"unmetered_kw": 2.0},
-        utility={"tamper": {"ct_reversed": "l1", "ct_shunt": {"phase": "l2", "seen": 0.0}},
-                 "events": {"reverse_flow_l1": 4}},
+        utility={"tamper": {"ct_reversed": "l1", "ct_shunt": {"phase": "l2", "seen": 0.0},
+                            "pt_loss": {"phase": "l3", "seen": 0.5}},
+                 "events": {"reverse_flow_l1": 4, "voltage_loss": 2}},
         **{"sub-a": {"tamper": {"registers": "stopped"}}})
 
     async def body(rig: Rig) -> None:
@@ -437,6 +536,7 @@ def test_a_signature_in_the_site_file_shows_from_the_start() -> None:
         assert u["power_l1_kw"] < 0 and u["current_l2_a"] == 0.0 and u["power_l2_kw"] == 0.0
         assert u["event_reverse_flow_l1_count"] == 5  # the site file's 4, and it started now
         assert u["event_current_loss_l2_count"] == 1
+        assert 114.0 < u["voltage_l3_v"] < 116.0 and u["event_voltage_loss_count"] == 3
         assert (await rig.control({"get": "site"}))["site"] == {"unmetered_kw": 2.0}
         a0 = await rig.read("sub-a", ["import_energy_kwh"])
         await integrate(rig, "sub-a", 600)
@@ -466,6 +566,14 @@ def test_lmt_read_reads_the_event_counters() -> None:
     ({"device": "utility", "tamper": {"ct_shunt": {"phase": "l1", "seen": 1.5}}},
      "tamper.ct_shunt.seen"),
     ({"device": "utility", "tamper": {"registers": "backwards"}}, "tamper.registers"),
+    ({"device": "utility", "tamper": {"pt_loss": {"phase": "l1", "seen": 1.0}}},
+     "tamper.pt_loss.seen: Input should be less than 1"),
+    ({"device": "utility", "tamper": {"pt_loss": {"phase": "l1", "seen": -0.1}}},
+     "tamper.pt_loss.seen: Input should be greater than or equal to 0"),
+    ({"device": "utility", "tamper": {"pt_loss": {"seen": 0.5}}}, "tamper.pt_loss.phase: Field"),
+    ({"device": "utility", "tamper": {"pt_loss": "l1"}}, "tamper.pt_loss: Input should be"),
+    ({"device": "utility", "tamper": {"phase_break": "n"}}, "tamper.phase_break: Input should be"),
+    ({"device": "utility", "tamper": {"phase_break": ["l1", "l2"]}}, "tamper.phase_break"),
     ({"device": "utility", "tamper": {"ct_bypass": "l1"}}, "tamper.ct_bypass: Extra inputs"),
     ({"device": "utility", "tamper": []}, "tamper must be a JSON object"),
     ({"device": "relays", "tamper": {}}, "'relays' is not a meter"),
@@ -500,6 +608,11 @@ def test_control_channel_refuses_bad_signatures(message: dict[str, Any], error: 
     ({"relays": {"metering": {"loads": ["chiller"]}}}, "'relays' is not a meter"),
     ({"utility": {"tamper": {"ct_shunt": {"phase": "l2"}, "magnet": True}}}, "tamper.magnet"),
     ({"utility": {"tamper": {"ct_shunt": {"seen": 0.01}}}}, "tamper.ct_shunt.phase"),
+    ({"utility": {"tamper": {"pt_loss": {"phase": "l4"}}}}, "tamper.pt_loss.phase"),
+    ({"utility": {"tamper": {"pt_loss": {"phase": "l1", "seen": 1}}}}, "tamper.pt_loss.seen"),
+    ({"utility": {"tamper": {"pt_loss": {"phase": "l1", "volts": 115}}}}, "tamper.pt_loss.volts"),
+    ({"utility": {"tamper": {"phase_break": "L2"}}}, "tamper.phase_break"),
+    ({"relays": {"tamper": {"phase_break": "l2"}}}, "'relays' is not a meter"),
     ({"utility": {"events": {"cover_open": 1_000_000}}}, "events.cover_open"),
     ({"main-meter": {"events": {"cover_open": 1}}}, "has no point event_cover_open_count"),
     ({"site": {"unmetered_kw": -2.0}}, "site.unmetered_kw"),
@@ -535,6 +648,9 @@ def _model_config() -> SiteConfig:
             {"name": "reversed", "profile": "eastron-sdm630", "device_id": 6},
             {"name": "stopped", "profile": "eastron-sdm630", "device_id": 7},
             {"name": "falling", "profile": "eastron-sdm630", "device_id": 8},
+            {"name": "lost", "profile": "eastron-sdm630", "device_id": 9},
+            {"name": "broken", "profile": "eastron-sdm630", "device_id": 10,
+             "metering": {"loads": ["chiller"], "base_share": 0.5}},
         ],
         "loads": [{"name": "chiller", "relay": "relays.relay_1", "kw": 30.0},
                   {"name": "pump", "relay": "relays.relay_2", "kw": 7.5, "on": False},
@@ -548,7 +664,7 @@ def test_every_register_integrates_exactly_what_its_meter_reports_over_a_day() -
     sub-meters and the unmetered load add up to the main meter, and a stopped or decreasing
     register does what it says."""
     phys = SitePhysics(_model_config())
-    meters = ["main", "a", "b", "shunted", "reversed", "stopped", "falling"]
+    meters = ["main", "a", "b", "shunted", "reversed", "stopped", "falling", "lost", "broken"]
     keys = ("import_energy_kwh", "export_energy_kwh",
             *(f"{d}_energy_{ph}_kwh" for d in ("import", "export") for ph in PHASES))
     step, t = 60.0, T0
@@ -559,17 +675,27 @@ def test_every_register_integrates_exactly_what_its_meter_reports_over_a_day() -
         at_change[name] = (phys.registers(name)["import_energy_kwh"],
                            integral[name]["import_energy_kwh"])
 
+    l1_at_break: list[float] = []
+
+    def broke(t: float) -> None:
+        phys.set_tamper("broken", Tamper(phase_break="l1"), t)
+        l1_at_break.append(phys.registers("broken")["import_energy_l1_kwh"])
+
     changes: dict[int, Callable[[float], None]] = {
         60: lambda t: phys.set_relay("relays.relay_2", True, t),
         200: lambda t: phys.write_point("ev_setpoint_a", 16.0, t),
         300: lambda t: phys.set_tamper("shunted", Tamper(ct_shunt=CtShunt(phase="l1", seen=0.03)), t),
+        350: lambda t: phys.set_tamper("lost", Tamper(pt_loss=PtLoss(phase="l3", seen=0.5)), t),
         400: lambda t: phys.set_unmetered_kw(7.5, t),
         500: lambda t: phys.set_tamper("reversed", Tamper(ct_reversed="l2"), t),
         600: lambda t: mode("stopped", Tamper(registers="stopped"), t),
         700: lambda t: mode("falling", Tamper(registers="decreasing"), t),
         800: lambda t: phys.set_relay("relays.relay_1", False, t),
+        900: lambda t: broke(t),
         1000: lambda t: phys.set_tamper("reversed", Tamper(ct_reversed="l2",
                                                           ct_shunt=CtShunt(phase="l1", seen=0.0)), t),
+        1050: lambda t: phys.set_tamper("lost", Tamper(pt_loss=PtLoss(phase="l3"),
+                                                      ct_reversed="l3"), t),
         1100: lambda t: phys.set_unmetered_kw(0.0, t),
         1200: lambda t: phys.write_point("ev_setpoint_a", 0.0, t),
     }
@@ -604,7 +730,7 @@ def test_every_register_integrates_exactly_what_its_meter_reports_over_a_day() -
             last.update({m: reported(m) for m in meters})
     end = {m: phys.quantities(t, m) for m in meters}
 
-    for m in ("main", "a", "b", "shunted", "reversed"):
+    for m in ("main", "a", "b", "shunted", "reversed", "lost", "broken"):
         for key in keys:
             assert end[m][key] - start[m][key] == pytest.approx(integral[m][key], rel=1e-9,
                                                                abs=1e-9), (m, key)
@@ -627,6 +753,20 @@ def test_every_register_integrates_exactly_what_its_meter_reports_over_a_day() -
     assert phys.events("shunted")["current_loss_l1"] == 1
     assert phys.events("reversed") == {**dict.fromkeys(EVENT_KEYS, 0), "reverse_flow_l2": 1,
                                        "current_loss_l1": 1}
+    # a lost voltage input counts what it sees: L3 in full, at half from step 350, nothing from
+    # 1050 (seen 0, reversed too: -0); its other phases as the main meter's
+    lost, main = integral["lost"], integral["main"]
+    assert 0.3 * main["import_energy_l3_kwh"] < lost["import_energy_l3_kwh"] < \
+        0.7 * main["import_energy_l3_kwh"]
+    assert lost["import_energy_l1_kwh"] == pytest.approx(main["import_energy_l1_kwh"], rel=1e-12)
+    assert integral["lost"]["export_energy_l3_kwh"] == 0.0
+    assert phys.events("lost") == {**dict.fromkeys(EVENT_KEYS, 0), "voltage_loss": 1,
+                                   "reverse_flow_l3": 1}
+    # a broken phase's register stands from the break on; the others count on; no event
+    assert end["broken"]["import_energy_l1_kwh"] == l1_at_break[0] > start["broken"][
+        "import_energy_l1_kwh"]
+    assert end["broken"]["import_energy_l3_kwh"] > start["broken"]["import_energy_l3_kwh"] + 100
+    assert phys.events("broken") == dict.fromkeys(EVENT_KEYS, 0)
 
 
 def test_stopped_and_decreasing_registers_on_the_model() -> None:
