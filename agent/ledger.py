@@ -375,6 +375,7 @@ class LedgerRunner:
         self._asking: set[str] = set()  # meters whose registers were asked for since fed
         self._saved_at = -math.inf
         self._pruned_at = -math.inf
+        self._swept = False
         self._dirty = False
 
     def bind(self, file: BufferFile, outbox: Outbox, store: StateStore) -> None:
@@ -559,7 +560,11 @@ class LedgerRunner:
         key's order, no scan of the table)."""
         cutoff = now - self.cfg.ledger.keep_days * 86400.0
         db = self.file.db
-        meters = [r[0] for r in db.execute("SELECT DISTINCT meter FROM ledger_intervals")]
+        if self._swept:  # the configured meters and groups (no scan of the table)
+            meters = [*self.points, *(f"loss:{g.name}" for g in self.cfg.ledger.loss_groups)]
+        else:  # at the first prune, every meter ever kept (one no longer configured too)
+            meters = [r[0] for r in db.execute("SELECT DISTINCT meter FROM ledger_intervals")]
+            self._swept = True
         n = 0
         with self.file.atomic():
             for meter in meters:

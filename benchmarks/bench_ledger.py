@@ -33,11 +33,12 @@ Prints one JSON object per line: {"name", "value", "unit", "baseline", "ratio"}.
    in the same cycles), in total and per reading; the buffer file against its
    ``ledger_intervals`` table, that table against the JSON bodies it holds, its rows against
    the expected count, and ``ledger.keep_days`` of such rows against the outbox's high-water
-   mark (the buffer's cap counts every page of the file); the RSS after day 1 against before
-   the first reading, and in the middle and at the end against after day 1 (flat: the rows
-   are in the file, not in memory); the saved state's JSON at the end against after day 1;
-   the bytes the process wrote to storage over the run (``/proc/self/io``) against the file;
-   one ``LedgerRunner.prune`` at the end (``DELETE ... WHERE end < ?``: a full scan).
+   mark (the ledger's table is kept out of the buffer's cap: it must fit beside it); the RSS
+   after day 1 against before the first reading, and in the middle and at the end against
+   after day 1 (flat: the rows are in the file, not in memory); the saved state's JSON at the
+   end against after day 1; the bytes the process wrote to storage over the run
+   (``/proc/self/io``) against the file; one ``LedgerRunner.prune`` at the end (meter by meter
+   along the table's key).
 
 ``--dir`` puts the buffer files on a given disk (default: a temporary folder).
 """
