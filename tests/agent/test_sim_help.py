@@ -5,15 +5,31 @@ from __future__ import annotations
 
 import subprocess
 
-from lmt.config.site import Faults, SimDevice, SimLine, SimLoad, SimServer, SiteInfo
+from lmt.config.site import (
+    CtShunt,
+    Events,
+    Faults,
+    Metering,
+    PtLoss,
+    SimDevice,
+    SimLine,
+    SimLoad,
+    SimServer,
+    SiteInfo,
+    Tamper,
+)
 from lmt.firmware_sim.cli import SITE_FILE_HELP
 from tests.conftest import lmt_argv
 
 
 def test_every_site_file_key_and_fault_is_in_the_help() -> None:
-    for model in (SiteInfo, SimServer, SimLine, SimDevice, SimLoad, Faults):
+    for model in (SiteInfo, SimServer, SimLine, SimDevice, SimLoad, Faults, Metering, Tamper,
+                  CtShunt, PtLoss, Events):
         for key in model.model_fields:
-            assert key in SITE_FILE_HELP, f"{model.__name__}.{key} is not in lmt sim --help"
+            # per-phase keys may be given as a range: current_loss_l1…l3
+            shown = key in SITE_FILE_HELP or (key[-3:] in ("_l2", "_l3")
+                                              and f"{key[:-3]}_l1" in SITE_FILE_HELP)
+            assert shown, f"{model.__name__}.{key} is not in lmt sim --help"
     for text in ('"modbus-rtu" or "dlt645"', "address (DL/T 645: 12 digits", "1C control",
                  "abnormal reply", "--control-port"):
         assert text in SITE_FILE_HELP
