@@ -19,6 +19,8 @@ the agent measures, calls, persists what it is given back, and carries out the a
 * :mod:`lmt.control.modes` - the terminal control modes (负控终端控制模式), round by round.
 * :mod:`lmt.control.learn` - a load's real kW learned from the metered steps of its switches
   (median, standard error, confidence, drift from the rating); not yet used by the selection.
+* :mod:`lmt.control.flex` - what could be shed now, per load class (flexibility); not yet
+  published by the agent.
 * :mod:`lmt.control.jsonstate` - dataclass state to JSON types and back, strictly.
 
 This package may import only numpy, numba and the standard library.
