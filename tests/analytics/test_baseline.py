@@ -363,3 +363,22 @@ def test_presets_say_their_source() -> None:
         Pick(10, 10, "all"), Pick(4, 4, "all"), 0.2)
     assert ERCOT.working == Pick(10, 8, "middle")
     assert (CHINA.working, CHINA.rest, CHINA.adjust) == (Pick(5, 5, "all"), Pick(3, 3, "all"), "none")
+
+
+def test_pjm_hourly_with_the_rules_own_window() -> None:
+    # The main series at 24 intervals a day (level + j, j = 0..23), the event 14:00-18:00
+    # (intervals 14..17: a day's mean there is level + 15.5). PJM's window: 3 hours ending 1 hour
+    # before, intervals 10..12 (a day's mean there is level + 11). Low usage: the 5 most recent
+    # valid days (35.5 + 33.5 + 0.5 + 29.5 + 27.5) / 5 = 25.3, 25 % = 6.325: day 6 out, as at 8
+    # intervals. Highest 4: 12, 11, 5, 1: 16 + j; adjustment (25 + 11) - (16 + 11) = +9.
+    _, events = main_series()
+    loads = np.array([[lv + j for j in range(24)] if lv is not None else [0.5] * 24
+                      for lv in [*LEVELS[:13], 25]], dtype=float)
+    loads[8, 3] = math.nan
+    got = customer_baseline(loads, TYPES, 13, (14, 17), PJM, event_days=events)
+    assert got == customer_baseline_py(loads, TYPES, 13, (14, 17), PJM, event_days=events)
+    assert got.days == (1, 5, 11, 12)
+    assert got.unadjusted == pytest.approx([16 + j for j in range(24)])
+    assert got.value == pytest.approx(9.0)
+    assert got.adjusted == pytest.approx([25 + j for j in range(24)])
+    assert got.excluded["low_usage"] == 1
