@@ -492,11 +492,15 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
+    from lmt.analytics import baseline, forecast
     from lmt.control import warmup
 
     t0 = time.perf_counter()
     warmup()
-    print(f"control kernels ready in {time.perf_counter() - t0:.2f} s (numba on-disk cache)")
+    baseline.warmup()
+    forecast.warmup()
+    print(f"control and analytics kernels ready in {time.perf_counter() - t0:.2f} s "
+          "(numba on-disk cache)")
     return 0
 
 

@@ -449,3 +449,9 @@ def forecast(history: object, horizon: int, per_day: int, *, k: int = DEFAULT_K,
     params = (float(used[0]), float(used[1]), float(used[2])) if used is not None else None
     return Forecast(values, METHODS[method], chosen.mase if chosen else math.nan,
                     chosen.mape if chosen else math.nan, tuple(scores), note, params)
+
+
+def warmup() -> None:
+    """Compile the kernels for the argument types the API passes (fills numba's disk cache)."""
+    history = np.arange(4 * 7 * 2, dtype=np.float64) % 4.0 + 1.0
+    forecast(history, 4, 4, n_origins=2)
