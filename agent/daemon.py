@@ -311,7 +311,8 @@ class Agent:
             if got is not None:  # the disk has room again: the buffer file takes over
                 self.file, self.outbox = got
                 self.store = self.intake.store = StateStore(self.file)
-                self.ledger_size = LedgerSize(self.file)
+                # measured afresh: the rows kept in memory meanwhile are in the table now
+                self.ledger_size = LedgerSize(self.file, remeasure=True)
                 self.outbox.exempt_bytes = self.ledger_size
                 if self.ledger is not None:
                     self.ledger.size = self.ledger_size

@@ -65,6 +65,10 @@ LEDGER_DDL = (
     "label TEXT NOT NULL, final INTEGER NOT NULL, body TEXT NOT NULL, "
     "PRIMARY KEY (meter, kind, label)) STRICT",
 )
+# The meters of ledger_intervals along its key, without reading the table (a skip-scan).
+_METERS = ("WITH RECURSIVE m(meter) AS (SELECT MIN(meter) FROM ledger_intervals UNION ALL "
+           "SELECT (SELECT MIN(meter) FROM ledger_intervals WHERE meter > m.meter) FROM m "
+           "WHERE m.meter IS NOT NULL) SELECT meter FROM m WHERE meter IS NOT NULL")
 #: Tables moved from memory into the file when a full disk has room again.
 LEDGER_TABLES = ("ledger_intervals", "ledger_bills")
 
@@ -331,25 +335,43 @@ def _json(value: Any) -> str:
 class LedgerSize:
     """About how many bytes of the buffer file the ledger's interval table takes: the
     outbox's disk cap leaves them out (the ledger's size is ``keep_days`` × its meters, not
-    a backlog). Measured once at start, then kept up to date by the runner."""
+    a backlog). Kept in the file (the ``state`` row ``ledger_bytes``) in the transactions that
+    change the table: a start reads one row, not the table. Measured from the table only when
+    the row is missing (a file from an older agent) or ``remeasure`` asks for it."""
 
     OVERHEAD = 1.25  # file bytes per body byte: keys, columns, B-tree pages
+    KEY = "ledger_bytes"
 
-    def __init__(self, file: BufferFile) -> None:
+    def __init__(self, file: BufferFile, remeasure: bool = False) -> None:
         self.file = file
+        row = file.db.execute("SELECT value FROM state WHERE key = ?", [self.KEY]).fetchone()
         self.bytes = 0.0
-        self.measure()
+        if row is None or remeasure:
+            self.measure()
+        else:
+            try:
+                self.bytes = float(row[0])
+            except ValueError:
+                self.measure()
 
     def measure(self) -> None:
+        """From the table itself (reads all of it), and kept."""
         db = self.file.db
-        if not db.table("ledger_intervals").exists():
-            self.bytes = 0.0
-            return
-        row = db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM ledger_intervals").fetchone()
-        self.bytes = float(row[0]) * self.OVERHEAD
+        self.bytes = 0.0
+        if db.table("ledger_intervals").exists():
+            row = db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM ledger_intervals"
+                             ).fetchone()
+            self.bytes = float(row[0]) * self.OVERHEAD
+        self.save()
 
     def add(self, body_bytes: int) -> None:
-        self.bytes += body_bytes * self.OVERHEAD
+        self.bytes = max(0.0, self.bytes + body_bytes * self.OVERHEAD)
+
+    def save(self) -> None:
+        """Keep the figure (in the caller's transaction, if there is one)."""
+        with self.file.atomic():
+            self.file.db.execute("INSERT OR REPLACE INTO state(key, value, saved_at) "
+                                 "VALUES (?, ?, 0)", [self.KEY, repr(self.bytes)])
 
     def __call__(self) -> int:
         return int(self.bytes)
@@ -375,7 +397,6 @@ class LedgerRunner:
         self._asking: set[str] = set()  # meters whose registers were asked for since fed
         self._saved_at = -math.inf
         self._pruned_at = -math.inf
-        self._swept = False
         self._dirty = False
 
     def bind(self, file: BufferFile, outbox: Outbox, store: StateStore) -> None:
@@ -507,6 +528,8 @@ class LedgerRunner:
                     by_stream.setdefault(r.stream, []).append(body)
             for stream, bodies in by_stream.items():
                 self.append(stream, bodies)
+            if self.size is not None and "intervals" in by_stream:
+                self.size.save()
         self._saved_at, self._dirty = mono, False
 
     def command(self, req: LedgerRequest, now: float, mono: float,
@@ -558,20 +581,20 @@ class LedgerRunner:
     def prune(self, now: float) -> int:
         """Remove the intervals older than ``ledger.keep_days`` (meter by meter: the primary
         key's order, no scan of the table)."""
-        cutoff = now - self.cfg.ledger.keep_days * 86400.0
+        cutoff = now - self.cfg.ledger.keep_days * 86400.0 - 3600.0
         db = self.file.db
-        if self._swept:  # the configured meters and groups (no scan of the table)
-            meters = [*self.points, *(f"loss:{g.name}" for g in self.cfg.ledger.loss_groups)]
-        else:  # at the first prune, every meter ever kept (one no longer configured too)
-            meters = [r[0] for r in db.execute("SELECT DISTINCT meter FROM ledger_intervals")]
-            self._swept = True
         n = 0
         with self.file.atomic():
-            for meter in meters:
+            for (meter,) in db.execute(_METERS).fetchall():  # also one no longer configured
+                if self.size is not None:
+                    gone = db.execute("SELECT COALESCE(SUM(length(body)), 0) FROM "
+                                      "ledger_intervals WHERE meter = ? AND start < ?",
+                                      [meter, cutoff]).fetchone()[0]
+                    self.size.add(-int(gone))
                 n += db.execute("DELETE FROM ledger_intervals WHERE meter = ? AND start < ?",
-                                [meter, cutoff - 3600.0]).rowcount
-        if n and self.size is not None:
-            self.size.measure()
+                                [meter, cutoff]).rowcount
+            if n and self.size is not None:
+                self.size.save()
         if n:
             log.info("ledger: %d intervals older than %d days removed", n,
                      self.cfg.ledger.keep_days)

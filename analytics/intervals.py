@@ -409,7 +409,7 @@ def _resolve(cfg: IntervalConfig, spec: MeterSpec, st: MeterLedger, t: float,
             else:
                 acc.kwh_exp, acc.src_exp = kwh, src
     while st.pending and st.pending[0].src_imp and st.pending[0].src_exp:
-        out.append(_record(cfg, spec, st, st.pending.pop(0)))
+        out.append(_record(cfg, spec, st.pending.pop(0)))
 
 
 def _at(reg: Register, b: float, e_b: float) -> float:
@@ -442,7 +442,7 @@ def _flush(cfg: IntervalConfig, spec: MeterSpec, st: MeterLedger, out: list[dict
             acc.src_imp = "none"
         if not acc.src_exp:
             acc.src_exp = "none"
-        out.append(_record(cfg, spec, st, acc))
+        out.append(_record(cfg, spec, acc))
     st.pending = []
     for reg in (st.imp, st.exp):
         reg.anchor, reg.anchor_est, reg.anchor_e = None, False, (st.e_imp if reg is st.imp
@@ -455,7 +455,7 @@ def _restart(reg: Register) -> Register:
     return Register(offset=reg.offset)
 
 
-def _record(cfg: IntervalConfig, spec: MeterSpec, st: MeterLedger, acc: Acc) -> dict[str, Any]:
+def _record(cfg: IntervalConfig, spec: MeterSpec, acc: Acc) -> dict[str, Any]:
     secs = cfg.seconds
     coverage = min(1.0, acc.covered_s / secs)
     flags = set(acc.flags)

@@ -23,7 +23,6 @@ What a reading goes through:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -128,25 +127,20 @@ def tariff_book(cfg: LedgerConfig, state: LedgerState) -> TariffBook | None:
     return book
 
 
-# Decoded books, by the identity of the state's dict (the same object from cycle to cycle; a
-# command or a restart makes a new one) and then by its JSON: decoded once, not per reading.
-_BOOKS_BY_ID: dict[int, tuple[Any, TariffBook]] = {}
-_BOOKS: dict[str, TariffBook] = {}
+# Decoded books, by the identity of the state's dict: the same object from cycle to cycle (a
+# command or a restart makes a new one, decoded once), not decoded per reading. The entry
+# keeps its dict alive, so an id is never reused for another.
+_BOOKS: dict[int, tuple[Any, TariffBook]] = {}
 
 
 def _book(data: Any) -> TariffBook:
-    got = _BOOKS_BY_ID.get(id(data))
+    got = _BOOKS.get(id(data))
     if got is not None and got[0] is data:
         return got[1]
-    key = json.dumps(data, sort_keys=True)
-    book = _BOOKS.get(key)
-    if book is None:
-        if len(_BOOKS) > 16:
-            _BOOKS.clear()
-        book = _BOOKS[key] = TariffBook.from_dict(data)
-    if len(_BOOKS_BY_ID) > 16:
-        _BOOKS_BY_ID.clear()
-    _BOOKS_BY_ID[id(data)] = (data, book)
+    if len(_BOOKS) > 16:
+        _BOOKS.clear()
+    book = TariffBook.from_dict(data)
+    _BOOKS[id(data)] = (data, book)
     return book
 
 
