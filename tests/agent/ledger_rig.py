@@ -224,8 +224,9 @@ class Consumer:
 class Registers:
     """The simulator's import registers, read over Modbus TCP every 0.1 s and stamped with the
     wall clock (the simulator's own clock: same machine), so the register at any boundary is
-    known to a few watt-hours. Optionally switches relay_1 (chiller-1, 30 kW) about every
-    ``toggle_s`` seconds, so that consecutive intervals differ in energy (a boundary put at the
+    known to a few watt-hours. Optionally switches relay_1 (chiller-1, 30 kW) off and on,
+    ``toggle_s`` = (seconds on, seconds off), unequal and not dividing a minute, so that
+    consecutive intervals differ in energy (a boundary put at the
     wrong moment then shows); never in the seconds around a minute boundary, where the agent
     reads the registers that close an interval (a step the power readings see only a second
     later would move that boundary by a few Wh)."""
@@ -234,7 +235,8 @@ class Registers:
 
     PERIOD_S = 0.1
 
-    def __init__(self, port: int, meters: dict[str, int], toggle_s: float | None = None) -> None:
+    def __init__(self, port: int, meters: dict[str, int],
+                 toggle_s: tuple[float, float] | None = None) -> None:
         self.meters = meters  # name -> Modbus device id (an SDM630 profile)
         self.toggle_s = toggle_s
         self.samples: dict[str, list[tuple[float, float]]] = {m: [] for m in meters}
@@ -258,7 +260,7 @@ class Registers:
 
     def _run(self) -> None:
         on = True
-        next_toggle = math.inf if self.toggle_s is None else time.time() + self.toggle_s
+        next_toggle = math.inf if self.toggle_s is None else time.time() + self.toggle_s[0]
         while not self._stop.wait(self.PERIOD_S):
             try:
                 for name, unit in self.meters.items():
@@ -272,7 +274,7 @@ class Registers:
                     on = not on
                     assert not self._client.write_coil(0, on, device_id=2).isError()
                     self.toggles.append((time.time(), on))
-                    next_toggle = self._quiet(next_toggle + self.toggle_s)
+                    next_toggle = self._quiet(next_toggle + self.toggle_s[0 if on else 1])
             except Exception:  # a hiccup of the connection: the next read tries again
                 self.errors += 1
 

@@ -4,7 +4,7 @@
 Three rigs run side by side from the start of the module, each on a timeline of its own
 (tests/agent/ledger_rig.py); the tests check what each one recorded:
 
-- ``flow``: the demo site, its chiller switched every 17 s so that no two intervals hold the
+- ``flow``: the demo site, its chiller on 23 s, off 11 s in turn so that no two intervals hold the
   same energy, priced by the Jiangsu tariff with Jiangsu's carbon factor. The broker is stopped
   right after the first interval was acknowledged and started again once an interval was made
   meanwhile; later the agent is SIGKILLed in the middle of an interval and started again.
@@ -108,7 +108,7 @@ def _rig(stack: ExitStack, folder: Path, name: str, terminal: str, site: dict[st
     sim = stack.enter_context(serve(folder / "sim", site))
     regs = None
     if meters is not None:
-        regs = Registers(sim.port, meters, toggle_s=17.0)
+        regs = Registers(sim.port, meters, toggle_s=(23.0, 11.0))
         stack.callback(regs.close)
     consumer = Consumer(broker.port, terminal)
     stack.callback(consumer.close)
