@@ -224,9 +224,9 @@ class Consumer:
 class Registers:
     """The simulator's import registers, read over Modbus TCP every 0.1 s and stamped with the
     wall clock (the simulator's own clock: same machine), so the register at any boundary is
-    known to a few watt-hours. Optionally switches relay_1 (chiller-1, 30 kW) off and on,
-    ``toggle_s`` = (seconds on, seconds off), unequal and not dividing a minute, so that
-    consecutive intervals differ in energy (a boundary put at the
+    known to a few watt-hours. Optionally switches relay_1 (chiller-1, 30 kW) off in every
+    minute, for the next of ``toggle_s`` seconds in turn (each under 60 − the quiet times), so
+    that consecutive intervals differ in energy (a boundary put at the
     wrong moment then shows); never in the seconds around a minute boundary, where the agent
     reads the registers that close an interval (a step the power readings see only a second
     later would move that boundary by a few Wh)."""
@@ -236,7 +236,7 @@ class Registers:
     PERIOD_S = 0.1
 
     def __init__(self, port: int, meters: dict[str, int],
-                 toggle_s: tuple[float, float] | None = None) -> None:
+                 toggle_s: tuple[float, ...] | None = None) -> None:
         self.meters = meters  # name -> Modbus device id (an SDM630 profile)
         self.toggle_s = toggle_s
         self.samples: dict[str, list[tuple[float, float]]] = {m: [] for m in meters}
@@ -260,7 +260,8 @@ class Registers:
 
     def _run(self) -> None:
         on = True
-        next_toggle = math.inf if self.toggle_s is None else time.time() + self.toggle_s[0]
+        minute = 0
+        next_toggle = math.inf if self.toggle_s is None else self._off_at(time.time())
         while not self._stop.wait(self.PERIOD_S):
             try:
                 for name, unit in self.meters.items():
@@ -274,15 +275,18 @@ class Registers:
                     on = not on
                     assert not self._client.write_coil(0, on, device_id=2).isError()
                     self.toggles.append((time.time(), on))
-                    next_toggle = self._quiet(next_toggle + self.toggle_s[0 if on else 1])
+                    if on:  # back on: off again in the next minute, for its own time
+                        minute += 1
+                        next_toggle = self._off_at(next_toggle)
+                    else:
+                        next_toggle += self.toggle_s[minute % len(self.toggle_s)]
             except Exception:  # a hiccup of the connection: the next read tries again
                 self.errors += 1
 
-    def _quiet(self, t: float) -> float:
-        """``t``, or the end of the quiet time around the minute boundary it falls in."""
-        before, after = self.QUIET_S
-        boundary = math.floor((t + before) / 60.0) * 60.0
-        return boundary + after if t < boundary + after else t
+    def _off_at(self, t: float) -> float:
+        """When the chiller goes off next: the end of the quiet time after the next minute
+        boundary after ``t`` (each minute is off for the next of ``toggle_s``, within it)."""
+        return (math.floor(t / 60.0) + 1) * 60.0 + self.QUIET_S[1]
 
     def at(self, meter: str, t: float, within_s: float = 1.0) -> float:
         """The register at ``t``: between the reads on either side (at most ``within_s``

@@ -4,10 +4,11 @@
 Three rigs run side by side from the start of the module, each on a timeline of its own
 (tests/agent/ledger_rig.py); the tests check what each one recorded:
 
-- ``flow``: the demo site, its chiller on 23 s, off 11 s in turn so that no two intervals hold the
-  same energy, priced by the Jiangsu tariff with Jiangsu's carbon factor. The broker is stopped
-  right after the first interval was acknowledged and started again once an interval was made
-  meanwhile; later the agent is SIGKILLed in the middle of an interval and started again.
+- ``flow``: the demo site, its chiller off for 23, 11, 37, 17, 29 s of each minute in turn so
+  that no two intervals hold the same energy, priced by the Jiangsu tariff with Jiangsu's
+  carbon factor. The broker is stopped right after the first interval was acknowledged and
+  started again once an interval was made meanwhile; later the agent is SIGKILLed in the
+  middle of an interval and started again.
 - ``tamper``: the demo site with a sub-meter that sees all of it (a loss group: main meter
   against sub-meter), clean until a first whole interval was judged; then a CT shunt on L2 of
   the main meter (ct_bypass delay 3 s) and, once it was raised and the shunt removed, 30 kW of
@@ -108,7 +109,7 @@ def _rig(stack: ExitStack, folder: Path, name: str, terminal: str, site: dict[st
     sim = stack.enter_context(serve(folder / "sim", site))
     regs = None
     if meters is not None:
-        regs = Registers(sim.port, meters, toggle_s=(23.0, 11.0))
+        regs = Registers(sim.port, meters, toggle_s=(23.0, 11.0, 37.0, 17.0, 29.0))
         stack.callback(regs.close)
     consumer = Consumer(broker.port, terminal)
     stack.callback(consumer.close)
